@@ -1,0 +1,354 @@
+"""Online correspondence from captured attention queries and keys, without whole attention maps.
+
+A video DiT's 3D self-attention links a point on one latent frame to the same point on other
+frames. This module turns one layer's captured queries and keys into small per-point arrays
+(matches, probabilities, attention mass) while never materialising a whole-layer attention map
+(``tokens**2 x heads``): work is done in row blocks of ``heads x rows x keys`` scores.
+
+Conventions
+-----------
+* Video tokens are frame-major: within the video part of the sequence, the token index is
+  ``f * (h * w) + y * w + x`` for latent frame ``f``, token row ``y`` and token column ``x``.
+  ``q_video`` / ``k_video`` hold the video tokens only, as ``(heads, F, h*w, d)`` (then pass
+  ``grid_hw=(h, w)``) or ``(heads, F, h, w, d)``.
+* Text keys are optional (``k_text``, ``(heads, L, d)``). Where they sit in the model's joint
+  sequence (first for CogVideoX, last elsewhere) does not matter: a softmax does not depend on
+  the order of its keys. Without text keys the "full" softmax runs over the video tokens only.
+* Attention logits are ``q . k * scale`` with ``scale = d ** -0.5`` unless given: the real
+  softmax scale of the model (not the head count).
+* Points are in **token units, raster convention**: ``(0, 0)`` is the top-left corner of token
+  ``(x=0, y=0)``, token centres sit at ``(x + 0.5, y + 0.5)``, a frame spans ``[0, w] x [0, h]``.
+  Coordinates are always ``(x, y)``; token indices are ``y * w + x``.
+* Head averaging follows DiffTrack: softmax per head, then the mean over heads of the
+  probabilities; argmax / max / soft-argmax are taken on that head average.
+
+What is computed (``N`` query tokens on latent frame 0, ``F`` frames, ``T = h * w``):
+
+1. Forward matching, frame pair ``(0, f)``: ``P_h = softmax_j(q[h, 0, n] . k[h, f, j] * scale)``
+   over frame ``f``'s tokens only, ``P = mean_h P_h``; ``match_forward = argmax_j P``,
+   ``match_prob = max_j P``, ``soft_forward = sum_j P(j) * centre(j)``.
+2. Reverse matching, frame pair ``(f, 0)``, for *every* token ``j`` of every frame ``f``:
+   argmax over frame 0's tokens of ``mean_h softmax(q[h, f, j] . k[h, 0, :] * scale)``.
+3. Full-sequence attention of the ``N`` query tokens: per head, softmax over all keys (text +
+   every video token of every frame), then the mean over heads ``A``; ``confidence[n, f] =
+   max_{j in frame f} A``, ``mass_per_frame[n, f] = sum_{j in frame f} A``, ``mass_text = sum
+   over text keys``, ``mass_own_frame = mass_per_frame[:, 0]``, ``mass_other_frames = sum over
+   f >= 1``. The masses sum to 1 up to rounding.
+
+Cost and memory
+---------------
+Scores are computed in float32 (float64 when an input is float64) one block at a time:
+
+* forward + full sequence: blocks of ``c = max(1, row_chunk // F)`` query tokens against all
+  ``F * T`` video keys (``heads x c x F*T`` scores). Both directions are read off the same
+  block: the frame-pair softmax directly, and the full-sequence probability as
+  ``P_h * exp(lse_h(frame) - lse_h(all))`` with a per-head log-sum-exp over all keys, which is
+  exact and avoids computing the scores twice;
+* reverse: blocks of ``row_chunk`` video query rows (any frames) against frame 0's keys
+  (``heads x row_chunk x T`` scores), softmax, sum over heads, argmax.
+
+Extra memory is one float copy of the scaled keys (``heads x F*T x d``) plus a few score
+blocks of ``heads x row_chunk x T`` elements; the matmul work is the minimum:
+``2 * heads * d * (N * (L + F*T) + F * T * T)`` FLOPs. The default ``row_chunk`` (128) keeps a
+block (about 20 MB at CogVideoX-2B size) in a CPU's last-level cache. Only device-agnostic torch
+operations are used: CUDA tensors are processed on their device, and results come back on the
+CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CorrespondenceResult",
+    "compute_correspondence",
+    "token_grid_xy",
+    "token_index_from_xy",
+]
+
+DEFAULT_ROW_CHUNK = 128
+"""Video query rows per reverse-direction block."""
+DEFAULT_FWD_CHUNK = 32
+"""Query tokens per forward block."""
+
+
+def token_grid_xy(
+    h: int, w: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(h*w, 2)`` token centres ``(x + 0.5, y + 0.5)`` in token units, row ``y * w + x``."""
+    if h < 1 or w < 1:
+        raise ValueError(f"token grid must be at least 1x1, got h={h}, w={w}")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=dtype),
+        torch.arange(w, device=device, dtype=dtype),
+        indexing="ij",
+    )
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1) + 0.5
+
+
+def token_index_from_xy(xy: torch.Tensor | np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Token index ``y * w + x`` of the token containing each ``(x, y)`` point (token units).
+
+    ``xy`` is ``(..., 2)`` in the raster convention of this module (a token spans ``[x, x+1)``);
+    points on or past the far edge are clamped into the grid, so ``(w, h)`` maps to the
+    bottom-right token. Returns a long tensor of shape ``xy.shape[:-1]``.
+    """
+    xy = torch.as_tensor(xy)
+    if xy.shape[-1:] != (2,):
+        raise ValueError(f"points must have shape (..., 2), got {tuple(xy.shape)}")
+    tx = torch.floor(xy[..., 0]).long().clamp(0, w - 1)
+    ty = torch.floor(xy[..., 1]).long().clamp(0, h - 1)
+    return ty * w + tx
+
+
+@dataclass
+class CorrespondenceResult:
+    """Per-layer correspondence arrays; torch tensors on the CPU.
+
+    ``N`` query tokens, ``F`` latent frames, ``T = h * w`` tokens per frame. Token indices are
+    within a frame (``y * w + x``); points are ``(x, y)`` in token units (raster convention).
+    """
+
+    match_forward: torch.Tensor
+    """(N, F) int64: argmax token in frame f of the head-averaged frame-pair (0, f) softmax."""
+    soft_forward: torch.Tensor
+    """(N, F, 2) float32: soft-argmax (x, y) under that probability (token centres at +0.5)."""
+    match_prob: torch.Tensor
+    """(N, F) float32: max of the head-averaged frame-pair probability."""
+    match_reverse: torch.Tensor
+    """(F, T) int64: for every token of frame f, argmax token of frame 0 (pair (f, 0))."""
+    confidence: torch.Tensor
+    """(N, F) float32: max over frame f's tokens of the head-averaged full-sequence softmax."""
+    mass_text: torch.Tensor
+    """(N,) float32: full-sequence attention mass on text keys (0 without text keys)."""
+    mass_own_frame: torch.Tensor
+    """(N,) float32: mass on frame 0 (the queries' own frame)."""
+    mass_other_frames: torch.Tensor
+    """(N,) float32: mass on frames 1..F-1."""
+    mass_per_frame: torch.Tensor
+    """(N, F) float32: mass on each frame."""
+    grid_hw: tuple[int, int] = (0, 0)
+    """(h, w) token grid of one latent frame."""
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Arrays under stable names for storage: indices as int32, everything else float32.
+
+        Keys: ``match_forward`` (N, F) int32, ``soft_forward`` (N, F, 2) float32,
+        ``match_prob`` (N, F) float32, ``match_reverse`` (F, h*w) int32, ``confidence``
+        (N, F) float32, ``mass_text`` / ``mass_own_frame`` / ``mass_other_frames`` (N,)
+        float32, ``mass_per_frame`` (N, F) float32.
+        """
+        out: dict[str, np.ndarray] = {}
+        for fld in fields(self):
+            value = getattr(self, fld.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            value = value.detach().cpu()
+            if value.dtype in (torch.int64, torch.int32):
+                out[fld.name] = value.numpy().astype(np.int32)
+            else:
+                out[fld.name] = value.to(torch.float32).numpy()
+        return out
+
+
+def _video_shapes(
+    q_video: torch.Tensor, k_video: torch.Tensor, grid_hw: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Validate q/k, return them as (heads, F, T, d) with the grid (h, w)."""
+    for name, t in (("q_video", q_video), ("k_video", k_video)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if q_video.shape != k_video.shape:
+        raise ValueError(
+            f"q_video and k_video must have the same shape, got {tuple(q_video.shape)} and "
+            f"{tuple(k_video.shape)}"
+        )
+    if q_video.device != k_video.device:
+        raise ValueError(f"q_video is on {q_video.device} but k_video on {k_video.device}")
+    if q_video.dim() == 5:
+        heads, frames, h, w, d = q_video.shape
+        if grid_hw is not None and tuple(grid_hw) != (h, w):
+            raise ValueError(f"grid_hw={tuple(grid_hw)} disagrees with 5-D inputs of grid {(h, w)}")
+        q = q_video.reshape(heads, frames, h * w, d)
+        k = k_video.reshape(heads, frames, h * w, d)
+    elif q_video.dim() == 4:
+        if grid_hw is None:
+            raise ValueError("4-D (heads, F, h*w, d) inputs need grid_hw=(h, w)")
+        h, w = (int(v) for v in grid_hw)
+        if h * w != q_video.shape[2]:
+            raise ValueError(f"grid_hw={(h, w)} has {h * w} tokens, inputs have {q_video.shape[2]}")
+        q, k = q_video, k_video
+    else:
+        raise ValueError(
+            "q_video/k_video must be (heads, F, h*w, d) or (heads, F, h, w, d), got "
+            f"{tuple(q_video.shape)}"
+        )
+    if min(q.shape) < 1:
+        raise ValueError(f"q_video/k_video have an empty dimension: {tuple(q_video.shape)}")
+    return q, k, h, w
+
+
+def _query_tokens(query_tokens, tokens_per_frame: int, device: torch.device) -> torch.Tensor:
+    qt = torch.as_tensor(query_tokens)
+    if qt.dim() != 1:
+        raise ValueError(f"query_tokens must be 1-D, got shape {tuple(qt.shape)}")
+    if qt.is_floating_point() or qt.is_complex() or qt.dtype == torch.bool:
+        raise ValueError(f"query_tokens must be integer token indices, got {qt.dtype}")
+    if qt.numel() and (int(qt.min()) < 0 or int(qt.max()) >= tokens_per_frame):
+        raise ValueError(
+            f"query_tokens must lie in [0, {tokens_per_frame}) (tokens of latent frame 0), got "
+            f"min {int(qt.min())}, max {int(qt.max())}"
+        )
+    return qt.to(device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def compute_correspondence(
+    q_video: torch.Tensor,
+    k_video: torch.Tensor,
+    query_tokens: torch.Tensor,
+    k_text: torch.Tensor | None = None,
+    scale: float | None = None,
+    row_chunk: int = DEFAULT_ROW_CHUNK,
+    *,
+    grid_hw: tuple[int, int] | None = None,
+    fwd_chunk: int = DEFAULT_FWD_CHUNK,
+) -> CorrespondenceResult:
+    """Forward/reverse matches, confidence and attention mass for one layer; see the module doc.
+
+    Args:
+        q_video, k_video: video queries / keys, ``(heads, F, h*w, d)`` or ``(heads, F, h, w,
+            d)``, any float dtype (fp16 typical), any device.
+        query_tokens: ``(N,)`` integer token indices within latent frame 0 (``y * w + x``).
+        k_text: optional ``(heads, L, d)`` text keys, part of the full-sequence softmax.
+        scale: softmax scale, default ``d ** -0.5``.
+        row_chunk: query rows per reverse block (``max(1, row_chunk // F)`` queries per forward
+            block); bounds the working memory to a few ``heads x row_chunk x h*w`` blocks.
+        grid_hw: ``(h, w)``, required for 4-D inputs.
+
+    Raises:
+        ValueError: inconsistent shapes, ``query_tokens`` outside ``[0, h*w)``, bad
+            ``row_chunk``. TypeError: non-tensor or non-float q/k.
+    """
+    q, k, h, w = _video_shapes(q_video, k_video, grid_hw)
+    heads, num_frames, tokens, d = q.shape
+    device = q.device
+    for name, value in (("row_chunk", row_chunk), ("fwd_chunk", fwd_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if k_text is not None:
+        if not isinstance(k_text, torch.Tensor) or not k_text.is_floating_point():
+            raise TypeError("k_text must be a floating-point torch.Tensor or None")
+        if k_text.dim() != 3 or k_text.shape[0] != heads or k_text.shape[2] != d:
+            raise ValueError(
+                f"k_text must be (heads={heads}, L, d={d}), got {tuple(k_text.shape)}"
+            )
+        if k_text.device != device:
+            raise ValueError(f"k_text is on {k_text.device} but the video tensors on {device}")
+        if k_text.shape[1] == 0:
+            k_text = None
+    qt = _query_tokens(query_tokens, tokens, device)
+    n_queries = qt.numel()
+    scale = d**-0.5 if scale is None else float(scale)
+
+    dtypes = [q.dtype, k.dtype] + ([k_text.dtype] if k_text is not None else [])
+    cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
+
+    # Scaled keys in the compute dtype, once (a copy: the caller's tensors are never modified).
+    k_all = k.reshape(heads, num_frames * tokens, d).to(cdtype, copy=True).mul_(scale)
+    k_all_t = k_all.transpose(1, 2)  # (heads, d, F*T), a view: BLAS takes it transposed
+    k0_t = k_all[:, :tokens].transpose(1, 2)  # (heads, d, T)
+    kt_t = None
+    if k_text is not None:
+        kt_t = k_text.to(cdtype, copy=True).mul_(scale).transpose(1, 2)  # (heads, d, L)
+    grid = token_grid_xy(h, w, device=device, dtype=cdtype)
+
+    # ---- forward matching + full-sequence attention of the query tokens ---------------------
+    match_forward = torch.empty(n_queries, num_frames, dtype=torch.long, device=device)
+    match_prob = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
+    soft_forward = torch.empty(n_queries, num_frames, 2, dtype=cdtype, device=device)
+    confidence = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
+    mass_per_frame = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
+    mass_text = torch.zeros(n_queries, dtype=cdtype, device=device)
+
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=cdtype, device=device)
+
+    # Buffers are allocated once and reused: fresh multi-MB allocations cost page faults.
+    block = min(max(1, fwd_chunk), max(1, n_queries))
+    scores = empty(heads, block, tokens)  # one frame's logits
+    probs = empty(heads, block, num_frames, tokens)  # frame-pair softmax of every frame
+    head_sum = empty(block, tokens)
+    s_max = empty(heads, block, num_frames)
+    p_max = empty(heads, block, num_frames)
+    q_sel = q[:, 0].index_select(1, qt)  # (heads, N, d), input dtype
+    for n0 in range(0, n_queries, block):
+        n1 = min(n0 + block, n_queries)
+        c = n1 - n0
+        qc = q_sel[:, n0:n1].to(cdtype)
+        for f in range(num_frames):
+            s = torch.bmm(qc, k_all_t[:, :, f * tokens : (f + 1) * tokens], out=scores[:, :c])
+            torch.amax(s, dim=-1, out=s_max[:, :c, f])
+            p = torch.softmax(s, dim=-1, out=probs[:, :c, f])
+            torch.amax(p, dim=-1, out=p_max[:, :c, f])
+            ps = torch.sum(p, dim=0, out=head_sum[:c])  # head sum = heads * head mean
+            match_forward[n0:n1, f] = ps.argmax(dim=-1)
+            match_prob[n0:n1, f] = ps.amax(dim=-1) / heads
+            soft_forward[n0:n1, f] = torch.matmul(ps, grid) / heads
+        # Per-head log-sum-exp of each frame's logits (max prob = exp(s_max - lse) exactly),
+        # then over the whole sequence.
+        lse_frame = s_max[:, :c] - torch.log(p_max[:, :c])  # (heads, c, F)
+        if kt_t is not None:
+            lse_text = torch.logsumexp(torch.bmm(qc, kt_t), dim=-1)  # (heads, c)
+            lse_all = torch.logsumexp(torch.cat([lse_text[..., None], lse_frame], dim=-1), -1)
+            mass_text[n0:n1] = torch.exp(lse_text - lse_all).mean(dim=0)
+        else:
+            lse_all = torch.logsumexp(lse_frame, dim=-1)
+        share = torch.exp(lse_frame - lse_all[..., None])  # (heads, c, F): frames' full mass
+        mass_per_frame[n0:n1] = share.mean(dim=0)
+        # Full-sequence probability of a token of frame f = frame-pair probability * share;
+        # the head mean of it is one batched (1 x heads) @ (heads x T) product per (query, f).
+        weights = (share / heads).permute(1, 2, 0).reshape(c * num_frames, 1, heads)
+        p_all = probs[:, :c].permute(1, 2, 0, 3).reshape(c * num_frames, heads, tokens)
+        full_mean = torch.bmm(weights, p_all).view(c, num_frames, tokens)
+        confidence[n0:n1] = full_mean.amax(dim=-1)
+    del scores, probs, head_sum
+
+    # ---- reverse matching: every video token -> frame 0 --------------------------------------
+    q_rows = q.reshape(heads, num_frames * tokens, d)
+    n_rows = num_frames * tokens
+    rows = min(row_chunk, n_rows)
+    scores = empty(heads, rows, tokens)
+    probs = empty(heads, rows, tokens)
+    head_sum = empty(rows, tokens)
+    match_reverse = torch.empty(n_rows, dtype=torch.long, device=device)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        c = r1 - r0
+        s = torch.bmm(q_rows[:, r0:r1].to(cdtype), k0_t, out=scores[:, :c])
+        p = torch.softmax(s, dim=-1, out=probs[:, :c])
+        # the head sum and the head mean share their argmax
+        match_reverse[r0:r1] = torch.sum(p, dim=0, out=head_sum[:c]).argmax(dim=-1)
+    del scores, probs, head_sum
+
+    def out(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device="cpu")
+        return t if t.dtype == torch.long else t.to(torch.float32)
+
+    return CorrespondenceResult(
+        match_forward=out(match_forward),
+        soft_forward=out(soft_forward),
+        match_prob=out(match_prob),
+        match_reverse=out(match_reverse.view(num_frames, tokens)),
+        confidence=out(confidence),
+        mass_text=out(mass_text),
+        mass_own_frame=out(mass_per_frame[:, 0]),
+        mass_other_frames=out(mass_per_frame[:, 1:].sum(dim=-1)),
+        mass_per_frame=out(mass_per_frame),
+        grid_hw=(h, w),
+    )

@@ -1,0 +1,148 @@
+"""Command line: parses arguments and calls the API. Bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from datagen.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every user error
+        raise UserError(f"{message} (see 'datagen {self.prog.split()[-1]} --help')")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar and summary replace the libraries' per-component bars and notices.
+
+    Prompt truncation to ``generation.max_sequence_length`` is expected (the tiny preset reads
+    32 tokens) and the whole prompt is still stored in each sample.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from datagen.build import prepare_build, run_build
+    from datagen.config import resolve_config
+
+    cfg = resolve_config(args.preset, args.config, args.set)
+    req = prepare_build(cfg, args.prompts, args.out, args.limit)
+    plan = req.plan
+    print(
+        f"plan: {plan.num_samples} samples from {len(req.prompts)} prompts "
+        f"({cfg.generation.replicas} per prompt), {len(plan.shards)} shards of up to "
+        f"{plan.samples_per_shard}; about {_human(plan.bytes_per_sample)} per sample, "
+        f"{_human(plan.num_samples * plan.bytes_per_sample)} in all; preset {cfg.preset}, "
+        f"model {cfg.model.model_id}, config fingerprint {cfg.fingerprint()}"
+    )
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    _quiet_libraries()
+    s = run_build(req, progress=not args.quiet)
+    rate = s.samples / s.seconds if s.seconds else 0.0
+    print(
+        f"done: {s.samples} samples in {s.shards_built + s.shards_kept} shards "
+        f"({s.shards_kept} kept from an earlier run), {s.rejected} rejected, "
+        f"{_human(s.bytes)}, {s.seconds:.1f} s ({rate:.1f} samples/s) -> {s.out}"
+    )
+    for r in s.manifest["rejected"][:10]:
+        print(f"  rejected {r['key']} at {r['stage']}: {r['reason']}")
+    if s.rejected > 10:
+        print(f"  ... {s.rejected - 10} more in {s.out / 'manifest.json'}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from datagen.validate import validate_dataset
+
+    problems, checked = validate_dataset(args.dataset)
+    for p in problems:
+        print(f"{args.dataset}: {p}")
+    if problems:
+        print(f"invalid: {len(problems)} problem(s) in {args.dataset}", file=sys.stderr)
+        return 1
+    print(f"valid: {checked} samples in {args.dataset}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from datagen.inspection import find_sample, render_tracks, summary, write_png
+
+    sample = find_sample(args.dataset, args.key)
+    print(summary(sample))
+    png = args.png or Path(f"{sample['key']}.png")
+    write_png(png, render_tracks(sample))
+    print(f"tracks drawn over frames: {png}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="datagen",
+        description="Generate video-DiT correspondence datasets as WebDataset shards.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="turn a prompt bank into validated, sharded data")
+    b.add_argument(
+        "--prompts", type=Path, required=True, help="prompt file or folder (.txt, .jsonl, .csv)"
+    )
+    b.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    b.add_argument("--preset", default="tiny", help="tiny (default), cogvideox-2b, cogvideox-5b")
+    b.add_argument("--config", type=Path, help="TOML or JSON file overriding the preset")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. generation.seed=7 (repeatable)",
+    )
+    b.add_argument("--limit", type=int, help="build only the first N samples of the plan")
+    b.add_argument(
+        "--dry-run", action="store_true", help="print the plan and size estimate, write nothing"
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("validate", help="check every shard against manifest and schemas")
+    v.add_argument("dataset", type=Path)
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("inspect", help="summarise a sample and draw its tracks to a PNG")
+    i.add_argument("dataset", type=Path)
+    i.add_argument("--key", help="sample key (default: the first sample)")
+    i.add_argument("--png", type=Path, help="where to write the PNG (default: KEY.png)")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as exc:
+        print(f"datagen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("datagen: interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Build configuration: typed sections, presets, overrides and the fingerprint.
+
+A config is resolved in three layers: a preset (``tiny`` by default), then an optional config
+file (TOML or JSON, same nesting as the dataclasses), then ``--set section.field=value``
+overrides. The resolved config is recorded in every sample and in the manifest; its
+fingerprint (a hash of everything that can change the output bytes) guards resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datagen.errors import UserError
+
+TINY_MODEL_ID = "datagen/tiny-random-cogvideox"
+
+
+@dataclass
+class ModelConfig:
+    """Which video DiT generates the videos."""
+
+    family: str = "cogvideox"
+    """Model family plugin under ``datagen.models``."""
+    model_id: str = TINY_MODEL_ID
+    """Hub id or local folder for ``from_pretrained``; the tiny id is built locally."""
+    revision: str | None = None
+    """Hub revision (commit or tag) for reproducible downloads."""
+    dtype: str = "float32"
+    """Weights dtype: float32, float16 or bfloat16 (half types need a GPU to be fast)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda[:N]."""
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler settings and output size."""
+
+    num_frames: int = 9
+    height: int = 64
+    width: int = 96
+    num_inference_steps: int = 4
+    guidance_scale: float = 6.0
+    fps: int = 8
+    seed: int = 42
+    """Base seed; each video's seed is derived from it, the prompt id and the replica."""
+    replicas: int = 1
+    """Videos per prompt (different seeds)."""
+    batch_size: int = 8
+    """Prompts generated together; part of the fingerprint since it can change float bits."""
+    max_sequence_length: int = 32
+    """Text tokens the encoder sees (226 for real CogVideoX)."""
+    negative_prompt: str = ""
+    """Default negative prompt for prompts that carry none."""
+
+
+@dataclass
+class TrackerConfig:
+    """Pseudo-labelling tracker and its query points."""
+
+    name: str = "lk"
+    grid_size: int = 10
+    """Queries on a grid_size x grid_size CoTracker-compatible grid on frame 0."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Tracker keyword arguments (e.g. win_size, fb_threshold for lk)."""
+
+
+@dataclass
+class VideoConfig:
+    """How each video is stored; labels are computed on the decoded result."""
+
+    codec: str = "libx264"
+    crf: int = 12
+    pix_fmt: str = "yuv420p"
+
+
+@dataclass
+class CaptureConfig:
+    """Attention capture: q/k stored as features, and online correspondence arrays.
+
+    Layers are 0-based transformer blocks; steps are 0-based denoising step indices, or
+    scheduler timesteps (the nearest step is taken) when ``step_unit`` is 'timestep'.
+    Empty lists switch that product off.
+    """
+
+    feature_layers: list[int] = field(default_factory=lambda: [0, 1])
+    feature_steps: list[int] = field(default_factory=lambda: [2, 3])
+    corr_layers: list[int] = field(default_factory=lambda: [0, 1])
+    corr_steps: list[int] = field(default_factory=lambda: [2, 3])
+    step_unit: str = "index"
+
+
+@dataclass
+class ShardConfig:
+    """Limits per shard: samples, and bytes (through the per-sample size estimate)."""
+
+    max_samples: int = 64
+    max_bytes: int = 1 << 30
+
+
+@dataclass
+class BuildConfig:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that can change the bytes written (16 hex digits)."""
+        data = self.to_dict()
+        # The device changes where the work runs; the fingerprint keeps it because GPU and CPU
+        # kernels round differently, so their outputs differ.
+        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def _paper_capture(num_layers: int, match_layer: int) -> CaptureConfig:
+    # Features (135-216 MB per layer and step) for the paper's best layer at late steps;
+    # correspondence arrays (small) for every layer at every tenth step and the last.
+    return CaptureConfig(
+        feature_layers=[match_layer],
+        feature_steps=[44, 49],
+        corr_layers=list(range(num_layers)),
+        corr_steps=[0, 9, 19, 29, 39, 49],
+    )
+
+
+def _paper_generation(**kw: Any) -> GenerationConfig:
+    base = dict(
+        num_frames=49,
+        height=480,
+        width=720,
+        num_inference_steps=50,
+        guidance_scale=6.0,
+        fps=8,
+        seed=42,
+        batch_size=1,
+        max_sequence_length=226,
+    )
+    base.update(kw)
+    return GenerationConfig(**base)
+
+
+PRESETS: dict[str, BuildConfig] = {
+    "tiny": BuildConfig(preset="tiny"),
+    "cogvideox-2b": BuildConfig(
+        preset="cogvideox-2b",
+        model=ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
+        generation=_paper_generation(),
+        tracker=TrackerConfig(name="lk", grid_size=20),
+        capture=_paper_capture(30, 17),
+        shards=ShardConfig(max_samples=16),
+    ),
+    "cogvideox-5b": BuildConfig(
+        preset="cogvideox-5b",
+        model=ModelConfig(model_id="THUDM/CogVideoX-5b", dtype="bfloat16"),
+        generation=_paper_generation(),
+        tracker=TrackerConfig(name="lk", grid_size=20),
+        capture=_paper_capture(42, 17),
+        shards=ShardConfig(max_samples=16),
+    ),
+}
+
+
+def preset(name: str) -> BuildConfig:
+    if name not in PRESETS:
+        raise UserError(
+            f"unknown preset '{name}'; choose one of: {', '.join(sorted(PRESETS))} (--preset)"
+        )
+    return copy.deepcopy(PRESETS[name])
+
+
+def _section_types(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Convert ``value`` to the type of the field's current value."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(current, int):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = (
+                    json.loads(text)
+                    if text.startswith("[")
+                    else [int(v) for v in text.split(",") if v.strip()]
+                )
+            except ValueError:
+                raise UserError(f"{where}: expected a list of integers, got {value!r}") from None
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(f"{where}: expected a list of integers, got {value!r}")
+        return value
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{where}: expected a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a table/object, got {value!r}")
+        return value
+    if current is None or isinstance(current, str):
+        if value is None or isinstance(value, str):
+            return value
+        if current is None and isinstance(value, (int, float)):
+            return str(value)
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def apply_mapping(cfg: BuildConfig, data: dict[str, Any], source: str) -> None:
+    """Apply a nested mapping (from a config file) onto ``cfg`` in place."""
+    sections = _section_types(cfg)
+    for sec_name, sec_values in data.items():
+        if sec_name == "preset":
+            continue
+        if sec_name not in sections or sec_name == "preset":
+            raise UserError(
+                f"{source}: unknown section '{sec_name}'; valid sections: "
+                f"{', '.join(n for n in sections if n != 'preset')}"
+            )
+        if not isinstance(sec_values, dict):
+            raise UserError(f"{source}: section '{sec_name}' must be a table of fields")
+        section = getattr(cfg, sec_name)
+        fields = _section_types(section)
+        for key, value in sec_values.items():
+            if key not in fields:
+                raise UserError(
+                    f"{source}: unknown field '{sec_name}.{key}'; valid fields: {', '.join(fields)}"
+                )
+            where = f"{source}: {sec_name}.{key}"
+            setattr(section, key, _coerce(value, getattr(section, key), where))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist (--config)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise UserError(f"config file {path}: top level must be an object")
+            return data
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}"
+        ) from None
+    raise UserError(f"config file {path}: unknown format '{path.suffix}'; use .toml or .json")
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["generation.num_frames=17"]`` -> ``{"generation": {"num_frames": "17"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. generation.seed=7")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def resolve_config(
+    preset_name: str = "tiny",
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+) -> BuildConfig:
+    """Preset, then config file, then ``--set`` overrides; then checks every value."""
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        file_data = load_config_file(config_file)
+        preset_name = file_data.get("preset", preset_name)
+        if not isinstance(preset_name, str):
+            raise UserError(f"{config_file}: 'preset' must be a string")
+    cfg = preset(preset_name)
+    if file_data:
+        apply_mapping(cfg, file_data, str(config_file))
+    if overrides:
+        apply_mapping(cfg, parse_overrides(overrides), "--set")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: BuildConfig) -> None:
+    g = cfg.generation
+    positive = {
+        "generation.num_frames": g.num_frames,
+        "generation.height": g.height,
+        "generation.width": g.width,
+        "generation.num_inference_steps": g.num_inference_steps,
+        "generation.fps": g.fps,
+        "generation.replicas": g.replicas,
+        "generation.batch_size": g.batch_size,
+        "generation.max_sequence_length": g.max_sequence_length,
+        "tracker.grid_size": cfg.tracker.grid_size,
+        "shards.max_samples": cfg.shards.max_samples,
+        "shards.max_bytes": cfg.shards.max_bytes,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value} (--set {name}=N)")
+    if g.seed < 0:
+        raise UserError(f"generation.seed must be >= 0, got {g.seed}")
+    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
+        raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of float32, float16, bfloat16")
+    if cfg.video.pix_fmt not in ("yuv420p", "yuv444p"):
+        raise UserError(f"video.pix_fmt '{cfg.video.pix_fmt}' is not one of yuv420p, yuv444p")
+    if not 0 <= cfg.video.crf <= 51:
+        raise UserError(f"video.crf must be in 0..51, got {cfg.video.crf}")
+    cap = cfg.capture
+    if cap.step_unit not in ("index", "timestep"):
+        raise UserError(f"capture.step_unit '{cap.step_unit}' is not one of index, timestep")
+    for name in ("feature_layers", "feature_steps", "corr_layers", "corr_steps"):
+        values = getattr(cap, name)
+        if any(v < 0 for v in values) or len(set(values)) != len(values):
+            raise UserError(f"capture.{name} must hold distinct non-negative integers: {values}")
+        if name.endswith("steps") and cap.step_unit == "index":
+            late = [v for v in values if v >= g.num_inference_steps]
+            if late:
+                raise UserError(
+                    f"capture.{name} {late} lie past the last step {g.num_inference_steps - 1} "
+                    f"(generation.num_inference_steps={g.num_inference_steps})"
+                )
+    if cfg.video.pix_fmt == "yuv420p" and (g.height % 2 or g.width % 2):
+        raise UserError("generation.height and width must be even for video.pix_fmt=yuv420p")

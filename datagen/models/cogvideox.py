@@ -1,0 +1,242 @@
+"""CogVideoX (1.0: 2B and 5B) as a model-family plugin.
+
+Joint self-attention over [text tokens FIRST, then video tokens]. Video tokens are
+frame-major: index = text_len + f * (h * w) + y * w + x for latent frame f and patch (y, x).
+The VAE compresses 4x in time (latent frame 0 holds video frame 0 alone, latent frame f >= 1
+holds video frames 4f-3 .. 4f) and 8x in space; the transformer patches 2x2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datagen.capture.recorder import Recorder
+from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
+from datagen.errors import UserError
+from datagen.layout import TokenLayout
+
+TEMPORAL_COMPRESSION = 4
+SPATIAL_COMPRESSION = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"model.device '{name}' is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device '{name}' asked for, but no CUDA device is available")
+    return dev
+
+
+class CogVideoXFamily:
+    name = "cogvideox"
+
+    def check_generation(self, gen: GenerationConfig) -> None:
+        if (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
+            raise UserError(
+                f"generation.num_frames={gen.num_frames}: CogVideoX needs 4k+1 frames "
+                "(e.g. 9, 17, 49)"
+            )
+        step = SPATIAL_COMPRESSION * 2
+        for name, value in (("height", gen.height), ("width", gen.width)):
+            if value % step:
+                raise UserError(
+                    f"generation.{name}={value}: CogVideoX needs a multiple of {step} "
+                    "(VAE 8x times patch 2)"
+                )
+
+    def load_pipeline(self, cfg: ModelConfig) -> Any:
+        from diffusers import CogVideoXPipeline
+
+        dtype = getattr(torch, cfg.dtype)
+        device = resolve_device(cfg.device)
+        if cfg.model_id == TINY_MODEL_ID:
+            from datagen.models.tiny_cogvideox import save_tiny_pipeline
+
+            # Through a folder and from_pretrained, so the tiny model takes the same loading
+            # path as a real checkpoint.
+            with tempfile.TemporaryDirectory(prefix="datagen-tiny-") as tmp:
+                folder = save_tiny_pipeline(Path(tmp) / "pipe")
+                pipe = CogVideoXPipeline.from_pretrained(str(folder), dtype=dtype)
+        else:
+            try:
+                pipe = CogVideoXPipeline.from_pretrained(
+                    cfg.model_id, revision=cfg.revision, dtype=dtype
+                )
+            except (OSError, ValueError) as exc:
+                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                raise UserError(
+                    f"cannot load model '{cfg.model_id}' ({reason}); without internet, "
+                    "download it elsewhere and pass its local folder with "
+                    "--set model.model_id=/path/to/CogVideoX"
+                    + ("" if offline else " (and set HF_HUB_OFFLINE=1)")
+                ) from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    def layout(self, pipe: Any, gen: GenerationConfig) -> TokenLayout:
+        tcfg = pipe.transformer.config
+        patch = int(tcfg.patch_size)
+        patch_t = int(tcfg.patch_size_t or 1)
+        vae_s = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        vae_t = int(pipe.vae.config.temporal_compression_ratio)
+        latent_frames = (gen.num_frames - 1) // vae_t + 1
+        # CogVideoX 1.5 prepends padding latent frames up to a multiple of patch_size_t.
+        pad = (-latent_frames) % patch_t
+        return TokenLayout(
+            family=self.name,
+            num_frames=gen.num_frames,
+            height=gen.height,
+            width=gen.width,
+            vae_compression=(vae_t, vae_s, vae_s),
+            patch_size=(patch_t, patch, patch),
+            text_tokens=int(gen.max_sequence_length),
+            text_position="first",
+            pad_front=pad,
+            rope=bool(tcfg.use_rotary_positional_embeddings),
+        )
+
+    def install_capture(self, pipe: Any, recorder: Recorder, guidance: bool) -> Callable[[], None]:
+        """Put capture processors on the recorder's layers and count denoising steps.
+
+        CogVideoX runs both CFG branches in one batched forward per step, negative first, so
+        the conditional rows are the second half. Returns a function that undoes it all.
+        """
+        transformer = pipe.transformer
+        blocks = transformer.transformer_blocks
+        bad = [i for i in recorder.spec.layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise UserError(
+                f"capture layers {bad} do not exist: the transformer has {len(blocks)} layers "
+                f"(0..{len(blocks) - 1}); fix capture.*_layers"
+            )
+        originals = {}
+        for i in recorder.spec.layers:
+            originals[i] = blocks[i].attn1.processor
+            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(recorder, i))
+        calls = {"n": 0}
+
+        def before_forward(module, args, kwargs):
+            if calls["n"] == 0:
+                recorder.resolve_steps([int(t) for t in pipe.scheduler.timesteps])
+            batch = kwargs["hidden_states"].shape[0]
+            cond = slice(batch // 2, batch) if guidance else slice(0, batch)
+            timestep = kwargs["timestep"]
+            recorder.begin_forward(calls["n"], int(timestep.reshape(-1)[0]), cond)
+            calls["n"] += 1
+
+        handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
+
+        def remove() -> None:
+            handle.remove()
+            for i, proc in originals.items():
+                blocks[i].attn1.set_processor(proc)
+
+        return remove
+
+    def generate(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        negative_prompts: list[str],
+        seeds: list[int],
+        gen: GenerationConfig,
+    ) -> np.ndarray:
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            out = pipe(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                height=gen.height,
+                width=gen.width,
+                num_frames=gen.num_frames,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                generator=generators,
+                output_type="np",
+                max_sequence_length=gen.max_sequence_length,
+            )
+        frames = np.asarray(out.frames, dtype=np.float32)
+        return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+class CogVideoXCaptureProcessor:
+    """CogVideoX joint attention that also hands its q/k to a recorder.
+
+    The computation is the one diffusers' CogVideoXAttnProcessor2_0 performs, in the same
+    order, so the output is bit-identical; every argument is named because diffusers passes
+    only the keyword arguments a processor's signature names (``image_rotary_emb`` would
+    silently be lost behind ``**kwargs``).
+    """
+
+    def __init__(self, recorder: Recorder, layer: int):
+        self.recorder = recorder
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch, seq_len, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+        rec = self.recorder
+        if rec.wants(self.layer):
+            f, h, w = rec.token_grid
+            c = rec.cond
+            shape = (-1, attn.heads, f, h * w, head_dim)
+            rec.record(
+                self.layer,
+                query[c, :, text_len:].reshape(shape),
+                key[c, :, text_len:].reshape(shape),
+                key[c, :, :text_len],
+                q_text=query[c, :, :text_len],
+                v_video=value[c, :, text_len:].reshape(shape),
+                v_text=value[c, :, :text_len],
+            )
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_len, hidden_states.size(1) - text_len], dim=1
+        )
+        return hidden_states, encoder_hidden_states

@@ -1,0 +1,120 @@
+"""Deterministic work units (prompt x replica) assigned to shards, with size estimates."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from datagen.config import BuildConfig
+from datagen.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    key: str
+    """Stable sample key '<prompt id>-r<replica>' (no dots)."""
+    prompt: Prompt
+    replica: int
+    seed: int
+    negative_prompt: str
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    units: tuple[WorkUnit, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: tuple[ShardTask, ...]
+    samples_per_shard: int
+    bytes_per_sample: int
+    """Estimated bytes of one core sample."""
+    feature_bytes_per_sample: int = 0
+    """Estimated bytes of one sample's q/k features (features shards)."""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s.units) for s in self.shards)
+
+
+def sample_key(prompt_id: str, replica: int) -> str:
+    return f"{prompt_id}-r{replica:02d}"
+
+
+def derived_seed(base_seed: int, prompt_id: str, replica: int) -> int:
+    """Per-video seed from the base seed, the prompt id and the replica (not the position)."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{replica}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+
+
+def estimate_sample_bytes(cfg: BuildConfig) -> int:
+    """Rough bytes of one core sample: compressed video plus label arrays plus metadata."""
+    g = cfg.generation
+    pixels = g.num_frames * g.height * g.width
+    # Measured on the tiny preset's noisy output: about 1 byte per pixel at crf 12; x264 halves
+    # the size for every +6 of crf. Smooth real-model video is smaller, so this errs high.
+    video = int(pixels * 2 ** (-(cfg.video.crf - 12) / 6)) + 2048
+    points = cfg.tracker.grid_size**2
+    labels = points * g.num_frames * (8 + 1 + 4) + points * 12 + 4 * 128
+    tar_overhead = 6 * 1024
+    return video + labels + 4096 + tar_overhead + estimate_capture_bytes(cfg)[0]
+
+
+def _token_grid(cfg: BuildConfig) -> tuple[int, int, int]:
+    """Token grid of the CogVideoX layout (VAE 4x/8x, patch 2) from the config alone."""
+    g = cfg.generation
+    return ((g.num_frames - 1) // 4 + 1, g.height // 16, g.width // 16)
+
+
+def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tuple[int, int]:
+    """(correspondence bytes in the core sample, q/k feature bytes) of one video.
+
+    ``heads_dim`` is heads x head_dim of the model (known after loading); before loading,
+    the preset's model is assumed (CogVideoX-2B 30x64, 5B 48x64, tiny 2x16).
+    """
+    cap = cfg.capture
+    if heads_dim is None:
+        heads_dim = {"cogvideox-5b": 48 * 64, "cogvideox-2b": 30 * 64}.get(cfg.preset, 2 * 16)
+    f, h, w = _token_grid(cfg)
+    n = cfg.tracker.grid_size**2
+    pairs = len(cap.corr_layers) * len(cap.corr_steps)
+    # per (layer, step): forward match/prob/confidence/mass (N x F x 5 x 4 B), soft (N x F x 8),
+    # reverse matches (F x h x w x 4 B), three masses (N x 12 B)
+    corr = pairs * (n * f * 28 + f * h * w * 4 + n * 12) + (1024 if pairs else 0)
+    feat_pairs = len(cap.feature_layers) * len(cap.feature_steps)
+    features = feat_pairs * 2 * f * h * w * heads_dim * 2
+    return corr, features
+
+
+def make_plan(cfg: BuildConfig, prompts: list[Prompt], limit: int | None = None) -> Plan:
+    units: list[WorkUnit] = []
+    for p in prompts:
+        for r in range(cfg.generation.replicas):
+            seed = (
+                p.seeds[r]
+                if p.seeds is not None and r < len(p.seeds)
+                else derived_seed(cfg.generation.seed, p.id, r)
+            )
+            neg = (
+                p.negative_prompt
+                if p.negative_prompt is not None
+                else cfg.generation.negative_prompt
+            )
+            units.append(WorkUnit(sample_key(p.id, r), p, r, seed, neg))
+    if limit is not None:
+        units = units[:limit]
+    per_sample = estimate_sample_bytes(cfg)
+    biggest = max(per_sample, estimate_capture_bytes(cfg)[1])
+    per_shard = max(1, min(cfg.shards.max_samples, cfg.shards.max_bytes // biggest))
+    shards = tuple(
+        ShardTask(i, tuple(units[s : s + per_shard]))
+        for i, s in enumerate(range(0, len(units), per_shard))
+    )
+    return Plan(
+        shards=shards,
+        samples_per_shard=per_shard,
+        bytes_per_sample=per_sample,
+        feature_bytes_per_sample=estimate_capture_bytes(cfg)[1],
+    )

@@ -1,0 +1,255 @@
+"""Shard files: reproducible tar writing, atomic commit, per-shard stats and the manifest.
+
+A shard is either absent or complete: its tar is written under a temporary name, fsynced,
+read back and checked, then renamed; its stats file, written last (also atomically), is the
+commit marker. Tar members are sorted and carry fixed mtime/uid/gid/mode, so the same samples
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datagen.sample import json_bytes
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+KINDS = ("core", "features")
+"""Shard sets: ``core`` (video, labels, correspondence) and ``features`` (captured q/k), with
+the same keys under the same shard numbers."""
+
+
+def shard_file(kind: str, index: int) -> str:
+    return f"{kind}-{index:06d}.tar"
+
+
+def stats_name(index: int) -> str:
+    return f"shard-{index:06d}.stats.json"
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
+    """A reproducible tar of ``{key: {ext: bytes}}``: keys sorted, members sorted by name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key in sorted(samples):
+            if "." in key:
+                raise ValueError(f"sample key {key!r} contains a dot")
+            for ext in sorted(samples[key]):
+                data = samples[key][ext]
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
+def iter_tar_samples(data_or_path: bytes | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar's members into samples: key = name up to the first dot."""
+    fileobj = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else None
+    name = None if fileobj else str(data_or_path)
+    with tarfile.open(name=name, fileobj=fileobj, mode="r:") as tar:
+        current: str | None = None
+        members: dict[str, bytes] = {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = os.path.basename(info.name)
+            key, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            f = tar.extractfile(info)
+            payload = f.read() if f else b""
+            if key != current:
+                if current is not None:
+                    yield current, members
+                current, members = key, {}
+            members[ext] = payload
+        if current is not None:
+            yield current, members
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Rejected:
+    key: str
+    shard: int
+    stage: str
+    """Where it failed: generate, encode, decode, track, validate."""
+    reason: str
+
+
+@dataclass
+class ShardStats:
+    index: int
+    config_fingerprint: str
+    keys: list[str]
+    files: dict[str, dict[str, Any]]
+    """kind -> {"path", "bytes", "sha256"} of each tar of the shard."""
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return len(self.keys)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ShardStats:
+        obj = dict(obj)
+        obj["rejected"] = [Rejected(**r) for r in obj.get("rejected", [])]
+        return cls(**obj)
+
+
+def write_shard(
+    out: Path,
+    index: int,
+    tars: dict[str, dict[str, dict[str, bytes]]],
+    fingerprint: str,
+    rejected: list[Rejected],
+) -> ShardStats:
+    """Write, verify and commit one shard (one tar per kind, same keys); return its stats.
+
+    The stats file, written last, is the commit marker: a crash before it leaves a shard that
+    the next run rebuilds.
+    """
+    keys = sorted(tars.get("core", {}))
+    files = {}
+    for kind, samples in tars.items():
+        if sorted(samples) != keys:
+            raise ValueError(f"shard {index}: {kind} keys differ from core keys")
+        data = tar_bytes(samples)
+        digest = hashlib.sha256(data).hexdigest()
+        final = out / shard_file(kind, index)
+        atomic_write(final, data)
+        # Read the committed file back: bytes on disk must be the bytes we meant.
+        if sha256_file(final) != digest:
+            final.unlink(missing_ok=True)
+            raise OSError(f"{final}: bytes on disk differ from what was written")
+        files[kind] = {"path": final.name, "bytes": len(data), "sha256": digest}
+    stats = ShardStats(index, fingerprint, keys, files, rejected)
+    atomic_write(out / stats_name(index), json_bytes(stats.to_json()))
+    return stats
+
+
+def read_stats(out: Path, index: int) -> ShardStats | None:
+    path = out / stats_name(index)
+    if not path.is_file():
+        return None
+    try:
+        return ShardStats.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def committed_stats(
+    out: Path, index: int, fingerprint: str, kinds: tuple[str, ...]
+) -> ShardStats | None:
+    """The shard's stats when it is committed, matches ``fingerprint``, holds exactly
+    ``kinds`` and every tar still has its checksum."""
+    stats = read_stats(out, index)
+    if stats is None or stats.config_fingerprint != fingerprint:
+        return None
+    if tuple(sorted(stats.files)) != tuple(sorted(kinds)):
+        return None
+    for entry in stats.files.values():
+        tar = out / entry["path"]
+        if not tar.is_file() or tar.stat().st_size != entry["bytes"]:
+            return None
+        if sha256_file(tar) != entry["sha256"]:
+            return None
+    return stats
+
+
+def build_manifest(
+    stats: list[ShardStats],
+    config: dict[str, Any],
+    fingerprint: str,
+    bank: dict[str, Any],
+    software: dict[str, str],
+    members: dict[str, list[str]],
+    limit: int | None,
+) -> dict[str, Any]:
+    shards = []
+    rejected = []
+    for s in sorted(stats, key=lambda s: s.index):
+        for kind in sorted(s.files, key=KINDS.index):
+            f = s.files[kind]
+            shards.append(
+                {
+                    "path": f["path"],
+                    "kind": kind,
+                    "index": s.index,
+                    "samples": s.samples,
+                    "bytes": f["bytes"],
+                    "sha256": f["sha256"],
+                    "first_key": s.keys[0] if s.keys else None,
+                    "last_key": s.keys[-1] if s.keys else None,
+                }
+            )
+        rejected += [asdict(r) for r in s.rejected]
+    core = [e for e in shards if e["kind"] == "core"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "config_fingerprint": fingerprint,
+        "prompt_bank": bank,
+        "limit": limit,
+        "software": software,
+        "members": members,
+        "shards": shards,
+        "totals": {
+            "shards": len(core),
+            "samples": sum(e["samples"] for e in core),
+            "bytes": sum(e["bytes"] for e in shards),
+            "rejected": len(rejected),
+        },
+        "rejected": rejected,
+    }

@@ -1,0 +1,124 @@
+"""`datagen validate`: every shard against the manifest, every sample against the schema and
+the numeric checks, feature shards against their core shards."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datagen.check import check_capture, check_sample
+from datagen.errors import UserError
+from datagen.sample import CORR_MEMBER, FEATURE_MEMBER, npy_load
+from datagen.schemas import schema_errors
+from datagen.shards import MANIFEST, iter_tar_samples, sha256_file
+from datagen.video import decode_video
+
+
+def validate_dataset(
+    folder: Path, on_shard: Callable[[str], None] | None = None
+) -> tuple[list[str], int]:
+    """Problems found (one line each, naming shard and key) and the core samples checked."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass a dataset folder made by datagen build")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{folder} has no {MANIFEST}; is it a datagen dataset folder?")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{MANIFEST}: not valid JSON ({exc})"], 0
+    problems = [f"{MANIFEST}: {e}" for e in schema_errors("manifest", manifest)]
+    if problems:
+        return problems, 0
+    members = manifest["members"]
+    listed = {s["path"] for s in manifest["shards"]}
+    for pattern in ("core-*.tar", "features-*.tar"):
+        for extra in sorted(p.name for p in folder.glob(pattern)):
+            if extra not in listed:
+                problems.append(f"{extra}: shard file not listed in {MANIFEST}")
+    checked = 0
+    seen_keys: dict[str, str] = {}
+    core_meta: dict[str, dict[str, Any]] = {}
+    for entry in manifest["shards"]:
+        name, kind = entry["path"], entry["kind"]
+        if on_shard:
+            on_shard(name)
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: listed in {MANIFEST} but missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, {MANIFEST} says {entry['bytes']}")
+        if sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+        if kind not in members:
+            problems.append(f"{name}: kind {kind} has no member list in {MANIFEST}")
+            continue
+        expected = tuple(sorted(members[kind]))
+        keys = []
+        try:
+            for key, raw in iter_tar_samples(path):
+                keys.append(key)
+                if kind == "core":
+                    checked += 1
+                    found, meta = _check_core(key, raw, expected)
+                    core_meta[key] = meta
+                    if key in seen_keys:
+                        problems.append(f"{name}: {key}: key also in {seen_keys[key]}")
+                    seen_keys[key] = name
+                else:
+                    found = _check_features(key, raw, expected, core_meta.get(key))
+                problems += [f"{name}: {key}: {p}" for p in found]
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            problems.append(f"{name}: unreadable tar ({exc})")
+            continue
+        if len(keys) != entry["samples"]:
+            problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")
+        if keys and (keys[0], keys[-1]) != (entry["first_key"], entry["last_key"]):
+            problems.append(f"{name}: first/last key differ from {MANIFEST}")
+    total = manifest["totals"]["samples"]
+    if checked != total and not any("unreadable" in p or "missing" in p for p in problems):
+        problems.append(f"{MANIFEST}: totals.samples is {total}, core shards hold {checked}")
+    return problems, checked
+
+
+def _check_core(
+    key: str, raw: dict[str, bytes], expected: tuple[str, ...]
+) -> tuple[list[str], dict[str, Any] | None]:
+    have = tuple(sorted(raw))
+    if have != expected:
+        return [f"members {list(have)}, expected {list(expected)}"], None
+    try:
+        meta = json.loads(raw["json"])
+        frames = decode_video(raw["mp4"])
+        arrays = {m: npy_load(raw[m]) for m in expected if m.endswith(".npy")}
+    except Exception as exc:  # any decode failure is a finding about this sample
+        return [f"cannot be decoded ({type(exc).__name__}: {exc})"], None
+    problems = check_sample(
+        frames,
+        arrays["tracks.npy"],
+        arrays["visible.npy"],
+        arrays["queries.npy"],
+        arrays["confidence.npy"],
+        meta,
+    )
+    if isinstance(meta, dict) and meta.get("key") != key:
+        problems.append(f"metadata key {meta.get('key')!r} differs from the member key")
+    if CORR_MEMBER in raw:
+        problems += check_capture(meta, corr=raw[CORR_MEMBER])
+    return problems, meta if isinstance(meta, dict) else None
+
+
+def _check_features(
+    key: str, raw: dict[str, bytes], expected: tuple[str, ...], meta: dict[str, Any] | None
+) -> list[str]:
+    have = tuple(sorted(raw))
+    if have != expected:
+        return [f"members {list(have)}, expected {list(expected)}"]
+    if meta is None:
+        return ["no valid core sample with this key in the core shard of the same number"]
+    return check_capture(meta, features=raw[FEATURE_MEMBER])

@@ -1,0 +1,62 @@
+"""Video bytes in and out (PyAV). Encoding is single-threaded and bit-exact so that the same
+frames always give the same bytes; labels are computed on ``decode_video(encode_video(...))``,
+the frames a consumer actually sees."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from datagen.config import VideoConfig
+
+
+def encode_video(frames: np.ndarray, fps: int, cfg: VideoConfig) -> bytes:
+    """Encode uint8 RGB frames (T, H, W, 3) as an MP4 (H.264) in memory."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(cfg.codec, rate=Fraction(fps, 1))
+        stream.width = int(frames.shape[2])
+        stream.height = int(frames.shape[1])
+        stream.pix_fmt = cfg.pix_fmt
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        stream.options = {"crf": str(cfg.crf), "preset": "medium", "threads": "1"}
+        stream.codec_context.thread_count = 1
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_video(data: bytes, stride: int = 1) -> np.ndarray:
+    """Decode MP4 bytes into uint8 RGB frames (T, H, W, 3), every ``stride``-th frame."""
+    frames = []
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "NONE"
+        for i, frame in enumerate(container.decode(stream)):
+            if i % stride == 0:
+                frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise ValueError("video has no frames")
+    return np.stack(frames)
+
+
+def probe_video(data: bytes) -> dict:
+    """Frame count, size and fps as stored in the container (decodes to count exactly)."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return {
+            "num_frames": count,
+            "height": stream.codec_context.height,
+            "width": stream.codec_context.width,
+            "fps": float(stream.average_rate) if stream.average_rate else None,
+        }

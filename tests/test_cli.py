@@ -1,0 +1,131 @@
+"""CLI behaviour a new user meets: bad input gets one line, exit 2 and nothing written."""
+
+import os
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+@pytest.fixture
+def bank(tmp_path):
+    f = tmp_path / "bank.txt"
+    f.write_text("a dog runs left\na car drives right\n")
+    return f
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["build", "--prompts", "{tmp}/missing", "--out", "{tmp}/out"],
+            "prompt path {tmp}/missing does not exist (--prompts)",
+        ),
+        (
+            ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--preset", "huge"],
+            "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, tiny (--preset)",
+        ),
+        (
+            ["build", "--prompts", "{bank}", "--out", "{bank}/sub"],
+            "output {bank}/sub cannot be created: {bank} is not a folder (--out)",
+        ),
+        (
+            [
+                "build",
+                "--prompts",
+                "{bank}",
+                "--out",
+                "{tmp}/out",
+                "--set",
+                "generation.num_frames=10",
+            ],
+            "generation.num_frames=10: CogVideoX needs 4k+1 frames (e.g. 9, 17, 49)",
+        ),
+        (
+            ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--set", "tracker.name=magic"],
+            "tracker: unknown tracker 'magic'",
+        ),
+        (
+            ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--limit", "0"],
+            "--limit must be positive, got 0",
+        ),
+        (["build", "--prompts", "{bank}"], "the following arguments are required: --out"),
+        (["validate", "{tmp}/nothing"], "{tmp}/nothing is not a folder"),
+    ],
+)
+def test_bad_input_prints_one_line_exits_2_writes_nothing(run_cli, tmp_path, bank, argv, message):
+    before = _tree(tmp_path)
+    subst = {"tmp": str(tmp_path), "bank": str(bank)}
+    code, out, err = run_cli(*[a.format(**subst) for a in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("datagen: error: ")
+    assert message.format(**subst) in lines[0]
+    assert out == ""
+    assert _tree(tmp_path) == before
+
+
+def test_unwritable_output_is_refused(run_cli, tmp_path, bank):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running with privileges that ignore folder permissions")
+        code, _, err = run_cli("build", "--prompts", bank, "--out", locked / "out")
+        assert code == 2 and "is not writable" in err
+        assert not (locked / "out").exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_on_read_only_filesystem_is_refused(run_cli, bank):
+    # /proc is read-only for everyone (root included), so this runs even as root.
+    code, _, err = run_cli("build", "--prompts", bank, "--out", "/proc/datagen-out")
+    assert code == 2 and err.count("\n") == 1
+    assert "not writable" in err or "cannot be created" in err
+
+
+def test_non_empty_foreign_folder_is_refused(run_cli, tmp_path, bank):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"x")
+    code, _, err = run_cli("build", "--prompts", bank, "--out", out)
+    assert code == 2 and "not empty and holds no datagen build" in err
+    assert _tree(out) == ["holiday.jpg"]
+
+
+def test_dry_run_prints_plan_and_writes_nothing(run_cli, tmp_path):
+    code, out, _ = run_cli(
+        "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run"
+    )
+    assert code == 0
+    assert "plan: 250 samples from 250 prompts" in out and "dry run: nothing written" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_validate_inspect_round_trip(run_cli, tmp_path, bank):
+    out = tmp_path / "ds"
+    code, text, _ = run_cli("build", "--prompts", bank, "--out", out, "--quiet")
+    assert code == 0 and "done: 2 samples in 1 shards" in text
+    code, text, _ = run_cli("validate", out)
+    assert code == 0 and "valid: 2 samples" in text
+    png = tmp_path / "s.png"
+    code, text, _ = run_cli("inspect", out, "--png", png)
+    assert code == 0 and "prompt:" in text and png.stat().st_size > 0
+    import cv2
+
+    img = cv2.imread(str(png))
+    assert img.shape[0] >= 64 and img.shape[1] >= 4 * 320
+    code, _, err = run_cli("inspect", out, "--key", "nope-r00")
+    assert code == 2 and "no sample with key 'nope-r00'" in err
+    # A broken shard makes validate fail and name it.
+    tar = out / "core-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:-700])
+    code, text, _ = run_cli("validate", out)
+    assert code == 1 and "core-000000.tar:" in text
