@@ -11,7 +11,15 @@ def get_family(name: str) -> ModelFamily:
         from datagen.models.cogvideox import CogVideoXFamily
 
         return CogVideoXFamily()
-    raise UserError(f"unknown model.family '{name}'; choose one of: cogvideox")
+    if name == "wan":
+        from datagen.models.wan import WanFamily
+
+        return WanFamily()
+    if name == "hunyuanvideo":
+        from datagen.models.hunyuanvideo import HunyuanVideoFamily
+
+        return HunyuanVideoFamily()
+    raise UserError(f"unknown model.family '{name}'; choose one of: cogvideox, hunyuanvideo, wan")
 
 
 __all__ = ["ModelFamily", "get_family"]
