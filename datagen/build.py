@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.check import check_sample
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.layout import TokenLayout
 from datagen.models import get_family
 from datagen.plan import Plan, ShardTask, WorkUnit, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
@@ -42,7 +39,10 @@ from datagen.shards import (
     write_shard,
 )
 from datagen.software import software_versions
-from datagen.track.base import make_tracker
+from datagen.sources.base import Produced, Source
+from datagen.sources.procedural import SyntheticSource, synthetic_config, synthetic_prompts
+from datagen.sources.text_to_video import TextToVideoSource, capture_spec
+from datagen.track.base import TrackResult, make_tracker
 from datagen.track.queries import grid_queries
 from datagen.video import decode_video, encode_video
 
@@ -107,18 +107,26 @@ def check_output_dir(out: Path, fingerprint: str, needed_bytes: int) -> None:
 
 
 def prepare_build(
-    cfg: BuildConfig, prompts_path: Path, out: Path, limit: int | None = None
+    cfg: BuildConfig, prompts_path: Path | None, out: Path, limit: int | None = None
 ) -> BuildRequest:
     """Every check that needs no model: prompts, config, tracker, output folder, plan."""
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
-    family = get_family(cfg.model.family)
-    family.check_generation(cfg.generation)
+    if cfg.source.kind == "synthetic":
+        synthetic_config(cfg.source.synthetic)  # refuse bad scene settings now
+        if prompts_path is not None:
+            raise UserError("--source synthetic takes no --prompts; its videos are procedural")
+        prompts = synthetic_prompts(cfg.source.num_videos)
+    else:
+        if prompts_path is None:
+            raise UserError("--prompts is required for --source text-to-video")
+        family = get_family(cfg.model.family)
+        family.check_generation(cfg.generation)
+        prompts = load_prompts(prompts_path)
     try:
         make_tracker(cfg.tracker.name, **cfg.tracker.settings)
     except (ValueError, TypeError) as exc:
         raise UserError(f"tracker: {exc} (--set tracker.name=... / tracker.settings=...)") from None
-    prompts = load_prompts(prompts_path)
     plan = make_plan(cfg, prompts, limit)
     needed = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
     check_output_dir(out, cfg.fingerprint(), needed)
@@ -128,7 +136,7 @@ def prepare_build(
 def sample_metadata(
     cfg: BuildConfig,
     unit: WorkUnit,
-    layout: dict[str, Any],
+    layout: dict[str, Any] | None,
     tracker_info: dict[str, Any],
     frames: np.ndarray,
     visible: np.ndarray,
@@ -160,7 +168,7 @@ def sample_metadata(
             "codec": cfg.video.codec,
             "pix_fmt": cfg.video.pix_fmt,
         },
-        "layout": layout,
+        **({"layout": layout} if layout is not None else {}),
         "tracker": tracker_info,
         "queries": queries_meta,
         "labels": {
@@ -175,20 +183,20 @@ def sample_metadata(
     }
 
 
-def capture_spec(cfg: BuildConfig) -> CaptureSpec:
-    c = cfg.capture
-    return CaptureSpec(
-        feature_layers=tuple(c.feature_layers) if c.feature_steps else (),
-        feature_steps=tuple(c.feature_steps) if c.feature_layers else (),
-        corr_layers=tuple(c.corr_layers) if c.corr_steps else (),
-        corr_steps=tuple(c.corr_steps) if c.corr_layers else (),
-        step_unit=c.step_unit,
-    )
-
-
 def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
+    """Member extensions per shard kind that every sample of this build carries."""
+    if cfg.source.kind == "synthetic":
+        out = members_for(False, False)
+        out["core"] = sorted(out["core"] + ["masks.npy", "object_ids.npy"])
+        return out
     spec = capture_spec(cfg)
     return members_for(bool(spec.corr_layers), bool(spec.feature_layers))
+
+
+def make_source(cfg: BuildConfig, query_points: np.ndarray) -> Source:
+    if cfg.source.kind == "synthetic":
+        return SyntheticSource(cfg.source.synthetic)
+    return TextToVideoSource(cfg, query_points)
 
 
 @dataclass
@@ -202,105 +210,38 @@ class ShardWorker:
 
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
-        self.family = get_family(cfg.model.family)
         self.tracker = make_tracker(cfg.tracker.name, **cfg.tracker.settings)
-        self.spec = capture_spec(cfg)
-        self._pipe = None
-        self.layout: TokenLayout | None = None
+        g = cfg.generation
+        self.query_points = grid_queries(cfg.tracker.grid_size, g.height, g.width, frame=0)
+        """The tracker's queries (a grid on frame 0), known before generation."""
+        self.source = make_source(cfg, self.query_points)
 
-    @property
-    def pipe(self) -> Any:
-        if self._pipe is None:
-            self._pipe = self.family.load_pipeline(self.cfg.model)
-            self.layout = self.family.layout(self._pipe, self.cfg.generation)
-        return self._pipe
+    def label(self, unit: WorkUnit, made: Produced, timings: dict[str, float]) -> Sample:
+        """Encode, decode, label and describe one video (raises _StageError on failure).
 
-    def query_points(self) -> np.ndarray:
-        """The tracker's query points, known before generation (a grid on frame 0)."""
-        g = self.cfg.generation
-        return grid_queries(self.cfg.tracker.grid_size, g.height, g.width, frame=0)
-
-    def generate(self, units: tuple[WorkUnit, ...]) -> tuple[np.ndarray, Recorder | None]:
-        """Generate a batch of videos, capturing attention when the config asks for it."""
-        cfg, pipe = self.cfg, self.pipe
-        recorder = None
-        remove = None
-        if self.spec.enabled:
-            layout = self.layout
-            rowcol = layout.token_of_pixel(self.query_points()[:, 1:])
-            _, _, w = layout.token_grid
-            recorder = Recorder(
-                self.spec,
-                batch=len(units),
-                query_tokens=torch.from_numpy(rowcol[:, 0] * w + rowcol[:, 1]),
-                token_grid=layout.token_grid,
-            )
-            remove = self.family.install_capture(
-                pipe, recorder, guidance=cfg.generation.guidance_scale > 1
-            )
-        try:
-            videos = self.family.generate(
-                pipe,
-                [u.prompt.prompt for u in units],
-                [u.negative_prompt for u in units],
-                [u.seed for u in units],
-                cfg.generation,
-            )
-        finally:
-            if remove is not None:
-                remove()
-        return videos, recorder
-
-    def capture_products(
-        self, recorder: Recorder, b: int
-    ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-        """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors."""
-        import safetensors.numpy
-        import safetensors.torch
-
-        arrays, layers, steps = recorder.stacked_correspondence(b)
-        corr = None
-        if self.spec.corr_layers:
-            corr = safetensors.numpy.save(
-                arrays,
-                # One key only: safetensors writes metadata maps in no fixed order.
-                metadata={"layers_steps": json.dumps({"layers": layers, "steps": steps})},
-            )
-        feats = None
-        if self.spec.feature_layers:
-            feats = safetensors.torch.save(recorder.features[b])
-        meta = {
-            "corr_layers": layers,
-            "corr_steps": steps,
-            "corr_arrays": {k: list(v.shape) for k, v in sorted(arrays.items())},
-            "feature_tensors": sorted(recorder.features[b]),
-            "step_timesteps": {str(k): v for k, v in sorted(recorder.step_timesteps.items())},
-            "query_tokens": "token of each query point in token frame 0, index row*w + col",
-            "cfg_branch": "conditional",
-            "dtype": "float16",
-        }
-        return meta, corr, feats
-
-    def label(
-        self,
-        unit: WorkUnit,
-        raw: np.ndarray,
-        timings: dict[str, float],
-        capture: tuple[dict[str, Any], bytes | None, bytes | None] | None = None,
-    ) -> Sample:
-        """Encode, decode, track and describe one generated video (raises on failure)."""
+        Labels come from the source when it knows them exactly, else from the tracker run on
+        the decoded frames, the frames a consumer will see.
+        """
         cfg = self.cfg
         stage = "encode"
         try:
             t0 = time.perf_counter()
-            video = encode_video(raw, cfg.generation.fps, cfg.video)
+            video = encode_video(made.frames, cfg.generation.fps, cfg.video)
             t1 = time.perf_counter()
             stage = "decode"
             frames = decode_video(video)
             t2 = time.perf_counter()
             stage = "track"
-            queries = self.query_points()
-            result = self.tracker.track(frames, queries)
+            if made.labels is not None:
+                queries = made.labels["queries"]
+                result = TrackResult(made.labels["tracks"], made.labels["visible"], None)
+                tracker_info = {"name": "ground-truth", "settings": {}}
+                queries_meta = {"method": "synthetic-ground-truth", "frame": 0}
+            else:
+                queries = self.query_points
+                result = self.tracker.track(frames, queries)
+                tracker_info = {"name": self.tracker.name, "settings": self.tracker.settings()}
+                queries_meta = {"method": "grid", "grid_size": cfg.tracker.grid_size, "frame": 0}
             t3 = time.perf_counter()
         except Exception as exc:
             raise _StageError(stage, exc) from exc
@@ -311,22 +252,20 @@ class ShardWorker:
         has_conf = confidence is not None
         if confidence is None:
             confidence = np.full(result.visible.shape, np.nan, np.float32)
+        queries_meta["count"] = int(queries.shape[0])
+        capture = made.capture
         meta = sample_metadata(
             cfg,
             unit,
-            self.layout.to_json() if self.layout else {},
-            {"name": self.tracker.name, "settings": self.tracker.settings()},
+            self.source.layout_json(),
+            tracker_info,
             frames,
             result.visible,
-            {
-                "method": "grid",
-                "grid_size": cfg.tracker.grid_size,
-                "frame": 0,
-                "count": int(queries.shape[0]),
-            },
+            queries_meta,
             has_conf,
             capture[0] if capture else None,
         )
+        meta["source"] = made.meta
         return Sample(
             key=unit.key,
             video=video,
@@ -338,6 +277,7 @@ class ShardWorker:
             meta=meta,
             correspondence=capture[1] if capture else None,
             features=capture[2] if capture else None,
+            extra_members=made.extra_members,
         )
 
     def run(
@@ -352,14 +292,15 @@ class ShardWorker:
         features: dict[str, dict[str, bytes]] = {}
         rejected: list[Rejected] = []
         bs = cfg.generation.batch_size
-        t0 = time.perf_counter()
-        _ = self.pipe  # load once, timed apart from generation
-        timings["load"] += time.perf_counter() - t0
+        if isinstance(self.source, TextToVideoSource):
+            t0 = time.perf_counter()
+            _ = self.source.pipe  # load once, timed apart from generation
+            timings["load"] += time.perf_counter() - t0
         for start in range(0, len(task.units), bs):
             batch = task.units[start : start + bs]
             t0 = time.perf_counter()
             try:
-                videos, recorder = self.generate(batch)
+                made = self.source.produce(batch)
             except Exception as exc:  # a failed batch is recorded, the shard goes on
                 log.warning("generation failed for %s: %s", [u.key for u in batch], exc)
                 for u in batch:
@@ -368,10 +309,9 @@ class ShardWorker:
                     on_sample(len(batch))
                 continue
             timings["generate"] += time.perf_counter() - t0
-            for b, (unit, raw) in enumerate(zip(batch, videos, strict=True)):
+            for unit, one in zip(batch, made, strict=True):
                 try:
-                    products = self.capture_products(recorder, b) if recorder else None
-                    sample = self.label(unit, raw, timings, products)
+                    sample = self.label(unit, one, timings)
                 except _StageError as err:
                     log.warning("%s failed at %s: %s", unit.key, err.stage, err.exc)
                     rejected.append(Rejected(unit.key, task.index, err.stage, _reason(err.exc)))
@@ -399,7 +339,7 @@ class ShardWorker:
                     on_sample(1)
         t0 = time.perf_counter()
         tars = {"core": members}
-        if self.spec.feature_layers:
+        if "features" in build_members(cfg):
             tars["features"] = features
         stats = write_shard(out, task.index, tars, cfg.fingerprint(), rejected)
         timings["write"] += time.perf_counter() - t0

@@ -40,15 +40,36 @@ def cmd_build(args: argparse.Namespace) -> int:
     from datagen.build import prepare_build, run_build
     from datagen.config import resolve_config
 
-    cfg = resolve_config(args.preset, args.config, args.set)
+    overrides = list(args.set)
+    if args.source:
+        overrides.insert(0, f"source.kind={args.source}")
+    cfg = resolve_config(args.preset, args.config, overrides)
     req = prepare_build(cfg, args.prompts, args.out, args.limit)
     plan = req.plan
+    total = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
+    cap = cfg.capture
+    if cfg.source.kind == "synthetic":
+        what = f"{plan.num_samples} synthetic videos with exact tracks"
+    else:
+        what = (
+            f"{plan.num_samples} samples from {len(req.prompts)} prompts "
+            f"({cfg.generation.replicas} per prompt), preset {cfg.preset}, "
+            f"model {cfg.model.model_id}"
+        )
     print(
-        f"plan: {plan.num_samples} samples from {len(req.prompts)} prompts "
-        f"({cfg.generation.replicas} per prompt), {len(plan.shards)} shards of up to "
-        f"{plan.samples_per_shard}; about {_human(plan.bytes_per_sample)} per sample, "
-        f"{_human(plan.num_samples * plan.bytes_per_sample)} in all; preset {cfg.preset}, "
-        f"model {cfg.model.model_id}, config fingerprint {cfg.fingerprint()}"
+        f"plan: {what}; {len(plan.shards)} shards of up to {plan.samples_per_shard}; "
+        f"config fingerprint {cfg.fingerprint()}"
+    )
+    capture = (
+        f" + {_human(plan.feature_bytes_per_sample)} of q/k features "
+        f"({len(cap.feature_layers)} layers x {len(cap.feature_steps)} steps; correspondence "
+        f"for {len(cap.corr_layers)} layers x {len(cap.corr_steps)} steps)"
+        if cfg.source.kind == "text-to-video"
+        else ""
+    )
+    print(
+        f"size: about {_human(plan.bytes_per_sample)} per core sample{capture}, "
+        f"{_human(total)} in all"
     )
     if args.dry_run:
         print("dry run: nothing written")
@@ -101,9 +122,17 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="turn a prompt bank into validated, sharded data")
     b.add_argument(
-        "--prompts", type=Path, required=True, help="prompt file or folder (.txt, .jsonl, .csv)"
+        "--prompts",
+        type=Path,
+        help="prompt file or folder (.txt, .jsonl, .csv); needed for text-to-video",
     )
     b.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    b.add_argument(
+        "--source",
+        choices=["text-to-video", "synthetic"],
+        help="text-to-video (default: the model, from --prompts) or synthetic "
+        "(procedural videos with exact tracks)",
+    )
     b.add_argument("--preset", default="tiny", help="tiny (default), cogvideox-2b, cogvideox-5b")
     b.add_argument("--config", type=Path, help="TOML or JSON file overriding the preset")
     b.add_argument(

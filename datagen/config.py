@@ -97,6 +97,18 @@ class CaptureConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Where videos come from: 'text-to-video' (the model, from the prompt bank) or
+    'synthetic' (procedural videos with exact tracks; no prompts needed)."""
+
+    kind: str = "text-to-video"
+    num_videos: int = 128
+    """Videos of a synthetic build (text-to-video builds take the prompt bank)."""
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    """SyntheticConfig fields, e.g. {"num_frames": 24, "height": 96, "width": 128}."""
+
+
+@dataclass
 class ShardConfig:
     """Limits per shard: samples, and bytes (through the per-sample size estimate)."""
 
@@ -107,6 +119,7 @@ class ShardConfig:
 @dataclass
 class BuildConfig:
     preset: str = "tiny"
+    source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -345,6 +358,12 @@ def check_config(cfg: BuildConfig) -> None:
         raise UserError(f"video.pix_fmt '{cfg.video.pix_fmt}' is not one of yuv420p, yuv444p")
     if not 0 <= cfg.video.crf <= 51:
         raise UserError(f"video.crf must be in 0..51, got {cfg.video.crf}")
+    if cfg.source.kind not in ("text-to-video", "synthetic"):
+        raise UserError(
+            f"source '{cfg.source.kind}' is not one of text-to-video, synthetic (--source)"
+        )
+    if cfg.source.num_videos <= 0:
+        raise UserError(f"source.num_videos must be positive, got {cfg.source.num_videos}")
     cap = cfg.capture
     if cap.step_unit not in ("index", "timestep"):
         raise UserError(f"capture.step_unit '{cap.step_unit}' is not one of index, timestep")

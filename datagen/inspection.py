@@ -34,16 +34,27 @@ def summary(sample: dict[str, Any]) -> str:
         f"key:        {sample['key']}",
         f"prompt:     [{meta['prompt']['id']}] {meta['prompt']['text']}",
         f"seed:       {meta['seed']}",
-        f"model:      {meta['config']['model']['model_id']} ({meta['config']['preset']})",
+        f"source:     {meta['source']['kind']}"
+        + (f", model {meta['source']['model_id']}" if "model_id" in meta["source"] else ""),
         f"video:      {t} frames, {w}x{h}, {meta['video']['fps']} fps",
-        f"layout:     latent {meta['layout']['latent_shape']}, tokens "
-        f"{meta['layout']['token_grid']}, text {meta['layout']['text_tokens']} "
-        f"({meta['layout']['text_position']})",
         f"tracker:    {meta['tracker']['name']} {meta['tracker']['settings']}",
         f"points:     {vis.shape[0]} ({meta['queries']['method']}), visible "
         f"{vis.mean():.1%} of point-frames, {vis.all(axis=1).mean():.1%} visible throughout",
         f"motion:     median first-to-last displacement {np.median(moved):.2f} px",
     ]
+    if "layout" in meta:
+        lay = meta["layout"]
+        lines.insert(
+            5,
+            f"layout:     latent {lay['latent_shape']}, tokens {lay['token_grid']}, text "
+            f"{lay['text_tokens']} ({lay['text_position']})",
+        )
+    if "capture" in meta:
+        cap = meta["capture"]
+        lines.append(
+            f"capture:    correspondence layers {cap['corr_layers']} x steps {cap['corr_steps']}; "
+            f"q/k tensors {len(cap['feature_tensors'])}"
+        )
     return "\n".join(lines)
 
 

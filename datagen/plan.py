@@ -53,6 +53,17 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     """Rough bytes of one core sample: compressed video plus label arrays plus metadata."""
     g = cfg.generation
     pixels = g.num_frames * g.height * g.width
+    if cfg.source.kind == "synthetic":
+        s = cfg.source.synthetic
+        frames, h, w = s.get("num_frames", 24), s.get("height", 96), s.get("width", 128)
+        points = 4 * s.get("points_per_sprite", 48) + s.get("background_points", 96)
+        masks = frames * h * w // 8  # int16 masks of a few objects compress poorly in npy
+        return (
+            int(frames * h * w * 2 ** (-(cfg.video.crf - 12) / 6))
+            + points * frames * 17
+            + 2 * masks
+            + 16384
+        )
     # Measured on the tiny preset's noisy output: about 1 byte per pixel at crf 12; x264 halves
     # the size for every +6 of crf. Smooth real-model video is smaller, so this errs high.
     video = int(pixels * 2 ** (-(cfg.video.crf - 12) / 6)) + 2048
@@ -75,6 +86,8 @@ def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tu
     the preset's model is assumed (CogVideoX-2B 30x64, 5B 48x64, tiny 2x16).
     """
     cap = cfg.capture
+    if cfg.source.kind == "synthetic":
+        return 0, 0
     if heads_dim is None:
         heads_dim = {"cogvideox-5b": 48 * 64, "cogvideox-2b": 30 * 64}.get(cfg.preset, 2 * 16)
     f, h, w = _token_grid(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,8 @@ class Sample:
     """safetensors bytes of the online correspondence arrays, (layers, steps, ...)."""
     features: bytes | None = None
     """safetensors bytes of the captured q/k, fp16 (heads, token frames, h*w, head dim)."""
+    extra_members: dict[str, bytes] = field(default_factory=dict)
+    """Source-specific core members (e.g. masks.npy of procedural videos)."""
 
     def members(self) -> dict[str, bytes]:
         """Core tar members by extension (the part of the name after the key and its dot)."""
@@ -79,4 +81,5 @@ class Sample:
         }
         if self.correspondence is not None:
             out[CORR_MEMBER] = self.correspondence
+        out.update(self.extra_members)
         return out

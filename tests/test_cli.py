@@ -105,7 +105,10 @@ def test_dry_run_prints_plan_and_writes_nothing(run_cli, tmp_path):
         "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run"
     )
     assert code == 0
-    assert "plan: 250 samples from 250 prompts" in out and "dry run: nothing written" in out
+    assert (
+        "plan: 250 samples from 250 prompts (1 per prompt), preset tiny" in out
+        and "dry run: nothing written" in out
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -129,3 +132,33 @@ def test_build_validate_inspect_round_trip(run_cli, tmp_path, bank):
     tar.write_bytes(tar.read_bytes()[:-700])
     code, text, _ = run_cli("validate", out)
     assert code == 1 and "core-000000.tar:" in text
+
+
+def test_build_larger_than_free_disk_is_refused_with_the_figure(run_cli, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    code, out, err = run_cli("build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o")
+    assert code == 2 and out == ""
+    assert "the build needs about" in err and "has 1.0 MB free" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_sizes_follow_the_capture_choice(run_cli, tmp_path):
+    def sizes(*extra):
+        code, out, _ = run_cli(
+            "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run", *extra
+        )
+        assert code == 0
+        line = next(x for x in out.splitlines() if x.startswith("size:"))
+        return line
+
+    base = sizes()
+    more = sizes(
+        "--set", "capture.feature_layers=[0,1]", "--set", "capture.feature_steps=[0,1,2,3]"
+    )
+    assert "2 layers x 2 steps" in base and "2 layers x 4 steps" in more
+    feat = lambda line: float(line.split("+ ")[1].split(" KB")[0])  # noqa: E731
+    assert abs(feat(more) - 2 * feat(base)) < 0.2

@@ -112,7 +112,8 @@ class Recorder:
         q_video, k_video: (B, heads, F, h*w, d), the rows of ``self.cond`` only; k_text:
         (B, heads, L, d) for the text keys that share the softmax (None when text enters by
         cross-attention). ``extra`` carries what processors also hand over (q_text, v_video,
-        v_text, text_mask) for checks; this recorder ignores it. Nothing passed here is kept
+        v_text for checks; text_mask (B, L) bool, True = a key the model attends to, which the
+        correspondence applies). Nothing passed here is kept
         as a view.
         """
         for b in range(q_video.shape[0]):
@@ -126,7 +127,7 @@ class Recorder:
                     q_video[b],
                     k_video[b],
                     self.query_tokens.to(q_video.device),
-                    k_text=None if k_text is None else k_text[b],
+                    k_text=_real_text_keys(k_text, extra.get("text_mask"), b),
                     grid_hw=self.token_grid[1:],
                 )
                 self.correspondence[b][(layer, self.step)] = result.to_numpy()
@@ -145,3 +146,15 @@ class Recorder:
                 [np.stack([got[(layer, s)][name] for s in steps]) for layer in layers]
             )
         return out, layers, steps
+
+
+def _real_text_keys(
+    k_text: torch.Tensor | None, text_mask: torch.Tensor | None, b: int
+) -> torch.Tensor | None:
+    """Text keys of video ``b`` that share the softmax: padded keys the model masks out
+    (HunyuanVideo) are dropped so the correspondence sees the attention the model computes."""
+    if k_text is None:
+        return None
+    if text_mask is None:
+        return k_text[b]
+    return k_text[b][:, text_mask[b].to(torch.bool)]
