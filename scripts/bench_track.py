@@ -17,6 +17,13 @@ included), best of ``--repeats`` interleaved rounds; the median is shown too, si
 processes on the machine add noise. ``pyramid build`` is the cost of one
 cv2.buildOpticalFlowPyramid call, i.e. what each pyramid reuse would save if OpenCV's Python
 binding accepted pyramids (it does not: opencv/opencv#4777).
+
+Optional CoTracker section (``--cotracker-repo DIR``, a local co-tracker checkout): CoTracker3
+with RANDOM weights (``pretrained=False``; its speed does not depend on the weights, its
+accuracy and visibility are meaningless) on the CPU, on the same video, next to LK on the same
+(smaller, ``--cotracker-grid``) query grid. Reported: model load time, wall time of one
+``track`` call, seconds per frame and milliseconds per frame x point. CoTracker's cost is
+dominated by its CNN on every frame at 384x512, so per frame x point it falls with more points.
 """
 
 from __future__ import annotations
@@ -84,6 +91,16 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=20, help="grid_size; points = grid**2")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cotracker-repo", metavar="DIR", help="local co-tracker checkout: add a CoTracker section"
+    )
+    ap.add_argument("--cotracker-grid", type=int, default=5, help="CoTracker grid_size")
+    ap.add_argument(
+        "--cotracker-variants",
+        default="cotracker3_offline",
+        help="comma-separated: cotracker3_offline, cotracker3_online",
+    )
+    ap.add_argument("--cotracker-repeats", type=int, default=1)
     args = ap.parse_args()
 
     velocity = np.array([1.37, -0.61])
@@ -132,6 +149,51 @@ def main() -> None:
         [lambda: [cv2.buildOpticalFlowPyramid(g, win, lk.max_level) for g in gray]], args.repeats
     )
     print(f"pyramid build (with derivatives): {1000 * best / len(gray):.2f} ms per frame")
+
+    if args.cotracker_repo:
+        bench_cotracker(args, frames, velocity, lk)
+
+
+def bench_cotracker(args, frames: np.ndarray, velocity: np.ndarray, lk: LKTracker) -> None:
+    """CoTracker3 (random weights, CPU) next to LK on the same video and the same points."""
+    import torch
+
+    from datagen.track.cotracker import CoTrackerTracker
+
+    queries = grid_queries(args.cotracker_grid, args.height, args.width, frame=0)
+    n, t = len(queries), args.frames
+    truth = queries[:, None, 1:3] + velocity[None, None, :] * np.arange(t)[:, None]
+    print(
+        f"\nCoTracker section: {n} grid points, {t} frames, CPU, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; RANDOM weights: accuracy/visibility meaningless"
+    )
+    header = f"{'tracker':<36} {'load s':>7} {'track s':>8} {'s/frame':>8} {'ms/(f*pt)':>10} "
+    header += f"{'vis %':>6} {'med err':>8}"
+    print(header)
+    print("-" * len(header))
+
+    def row(name, load_s, best, out):
+        # visible points after the query frame (frame 0), where the error is 0 by construction
+        err = np.linalg.norm(out.tracks - truth, axis=-1)[:, 1:][out.visible[:, 1:]]
+        med = f"{np.median(err):>8.3f}" if err.size else f"{'-':>8}"
+        print(
+            f"{name:<36} {load_s:>7.2f} {best:>8.3f} {best / t:>8.3f} "
+            f"{1000 * best / (t * n):>10.3f} {100 * out.visible.mean():>6.1f} {med}"
+        )
+
+    ((best, _, out),) = time_rounds([lambda: lk.track(frames, queries)], args.repeats)
+    row("lk", 0.0, best, out)
+    for variant in [v.strip() for v in args.cotracker_variants.split(",") if v.strip()]:
+        ct = CoTrackerTracker(
+            variant=variant, repo=args.cotracker_repo, pretrained=False, device="cpu"
+        )
+        t0 = time.perf_counter()
+        ct.load()
+        load_s = time.perf_counter() - t0
+        ((best, _, out),) = time_rounds(
+            [lambda ct=ct: ct.track(frames, queries)], args.cotracker_repeats
+        )
+        row(f"{variant} (random weights)", load_s, best, out)
 
 
 if __name__ == "__main__":

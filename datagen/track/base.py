@@ -151,11 +151,25 @@ def _make_dis(**settings: Any) -> Tracker:
     return DISTracker(**settings)
 
 
+def _cotracker_factory(variant: str) -> Callable[..., Tracker]:
+    def make(**settings: Any) -> Tracker:
+        from datagen.track.cotracker import CoTrackerTracker
+
+        settings.setdefault("variant", variant)
+        if settings["variant"] != variant:
+            raise ValueError(f"tracker {variant!r} got variant={settings['variant']!r}")
+        return CoTrackerTracker(**settings)
+
+    return make
+
+
 # name -> factory(**settings) -> Tracker. Add new trackers here (e.g. "cotracker": a factory
 # that imports the adapter module lazily), or call register_tracker from the adapter's module.
 TRACKER_FACTORIES: dict[str, Callable[..., Tracker]] = {
     "lk": _make_lk,
     "dis": _make_dis,
+    "cotracker3_offline": _cotracker_factory("cotracker3_offline"),
+    "cotracker3_online": _cotracker_factory("cotracker3_online"),
 }
 
 
