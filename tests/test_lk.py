@@ -335,10 +335,8 @@ def test_make_tracker_registry(monkeypatch):
         assert json.loads(json.dumps(trk.settings())) == trk.settings()
         # settings round-trip through the registry (as when re-tracking from metadata)
         assert make_tracker(trk.name, **trk.settings()).settings() == trk.settings()
-    with pytest.raises(
-        ValueError,
-        match=r"unknown tracker .cotracker.; choose one of: cotracker3_offline, cotracker3_online, dis, lk",
-    ):
+    names = "cotracker3_offline, cotracker3_online, dis, lk"
+    with pytest.raises(ValueError, match=rf"unknown tracker 'cotracker'; choose one of: {names}"):
         make_tracker("cotracker")
     with pytest.raises(ValueError, match="tracker 'lk'"):
         make_tracker("lk", window=3)
