@@ -7,6 +7,7 @@ check -> write), assemble the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,14 @@ from datagen.errors import UserError
 from datagen.models import get_family
 from datagen.plan import Plan, ShardTask, WorkUnit, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
-from datagen.sample import FEATURE_MEMBER, Sample, members_for
+from datagen.sample import (
+    FEATURE_MEMBER,
+    QC_FLAG_BITS,
+    QC_MEMBER,
+    Sample,
+    members_for,
+    npy_bytes,
+)
 from datagen.shards import (
     MANIFEST,
     Rejected,
@@ -43,11 +51,25 @@ from datagen.sources.base import Produced, Source
 from datagen.sources.procedural import SyntheticSource, synthetic_config, synthetic_prompts
 from datagen.sources.text_to_video import TextToVideoSource, capture_spec
 from datagen.track.base import TrackResult, make_tracker
+from datagen.track.qc import QCConfig, run_qc
 from datagen.track.queries import grid_queries
 from datagen.video import decode_video, encode_video
 
 log = logging.getLogger("datagen.build")
-STAGES = ("load", "generate", "encode", "decode", "track", "validate", "write")
+STAGES = ("load", "generate", "encode", "decode", "track", "qc", "validate", "write")
+
+
+def qc_summary(verdicts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-shard quality-control outcome: verdict counts and the rejected keys' reasons."""
+    if not verdicts:
+        return {}
+    rejected = {k: v["reasons"] for k, v in sorted(verdicts.items()) if v["verdict"] != "accepted"}
+    return {
+        "accepted": len(verdicts) - len(rejected),
+        "rejected": len(rejected),
+        "kept_fraction_mean": float(np.mean([v["kept_fraction"] for v in verdicts.values()])),
+        "rejected_reasons": rejected,
+    }
 
 
 @dataclass
@@ -190,7 +212,7 @@ def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
         out["core"] = sorted(out["core"] + ["masks.npy", "object_ids.npy"])
         return out
     spec = capture_spec(cfg)
-    return members_for(bool(spec.corr_layers), bool(spec.feature_layers))
+    return members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
 
 
 def make_source(cfg: BuildConfig, query_points: np.ndarray) -> Source:
@@ -215,6 +237,7 @@ class ShardWorker:
         self.query_points = grid_queries(cfg.tracker.grid_size, g.height, g.width, frame=0)
         """The tracker's queries (a grid on frame 0), known before generation."""
         self.source = make_source(cfg, self.query_points)
+        self.qc = QCConfig(**dataclasses.asdict(cfg.qc))
 
     def label(self, unit: WorkUnit, made: Produced, timings: dict[str, float]) -> Sample:
         """Encode, decode, label and describe one video (raises _StageError on failure).
@@ -243,11 +266,17 @@ class ShardWorker:
                 tracker_info = {"name": self.tracker.name, "settings": self.tracker.settings()}
                 queries_meta = {"method": "grid", "grid_size": cfg.tracker.grid_size, "frame": 0}
             t3 = time.perf_counter()
+            stage = "qc"
+            qc = None
+            if made.labels is None:
+                qc = run_qc(self.tracker, frames, result, queries, self.qc)
+            t4 = time.perf_counter()
         except Exception as exc:
             raise _StageError(stage, exc) from exc
         timings["encode"] += t1 - t0
         timings["decode"] += t2 - t1
         timings["track"] += t3 - t2
+        timings["qc"] += t4 - t3
         confidence = result.confidence
         has_conf = confidence is not None
         if confidence is None:
@@ -266,6 +295,19 @@ class ShardWorker:
             capture[0] if capture else None,
         )
         meta["source"] = made.meta
+        extra = dict(made.extra_members)
+        if qc is not None:
+            bits = np.zeros(queries.shape[0], np.uint8)
+            for name, bit in QC_FLAG_BITS.items():
+                bits |= np.where(qc.flags[name], bit, 0).astype(np.uint8)
+            extra[QC_MEMBER] = npy_bytes(bits)
+            finite = qc.cycle_error[np.isfinite(qc.cycle_error)]
+            meta["qc"] = {
+                **qc.verdict,
+                "flag_bits": QC_FLAG_BITS,
+                "settings": self.qc.to_dict(),
+                "cycle_error_median": float(np.median(finite)) if finite.size else None,
+            }
         return Sample(
             key=unit.key,
             video=video,
@@ -277,7 +319,7 @@ class ShardWorker:
             meta=meta,
             correspondence=capture[1] if capture else None,
             features=capture[2] if capture else None,
-            extra_members=made.extra_members,
+            extra_members=extra,
         )
 
     def run(
@@ -290,6 +332,7 @@ class ShardWorker:
         timings: dict[str, float] = defaultdict(float)
         members: dict[str, dict[str, bytes]] = {}
         features: dict[str, dict[str, bytes]] = {}
+        verdicts: dict[str, dict[str, Any]] = {}
         rejected: list[Rejected] = []
         bs = cfg.generation.batch_size
         if isinstance(self.source, TextToVideoSource):
@@ -333,6 +376,8 @@ class ShardWorker:
                         )
                     else:
                         members[unit.key] = sample.members()
+                        if "qc" in sample.meta:
+                            verdicts[unit.key] = sample.meta["qc"]
                         if sample.features is not None:
                             features[unit.key] = {FEATURE_MEMBER: sample.features}
                 if on_sample:
@@ -341,7 +386,9 @@ class ShardWorker:
         tars = {"core": members}
         if "features" in build_members(cfg):
             tars["features"] = features
-        stats = write_shard(out, task.index, tars, cfg.fingerprint(), rejected)
+        stats = write_shard(
+            out, task.index, tars, cfg.fingerprint(), rejected, qc_summary(verdicts)
+        )
         timings["write"] += time.perf_counter() - t0
         return ShardResult(stats, dict(timings))
 

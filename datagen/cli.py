@@ -113,6 +113,62 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from datagen.calibrate import calibrate, format_report
+    from datagen.config import parse_overrides
+    from datagen.sources.procedural import synthetic_config
+    from datagen.track.base import make_tracker
+
+    settings: dict = {}
+    for section, values in parse_overrides(args.set).items():
+        if section != "tracker":
+            raise UserError(f"--set {section}.*: calibrate takes tracker.SETTING=VALUE only")
+        for k, v in values.items():
+            try:
+                settings[k] = json.loads(v)
+            except json.JSONDecodeError:
+                settings[k] = v
+    try:
+        make_tracker(args.tracker, **settings)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--tracker {args.tracker}: {exc}") from None
+    if args.videos <= 0:
+        raise UserError(f"--videos must be positive, got {args.videos}")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    report = calibrate(
+        args.tracker,
+        settings,
+        num_videos=args.videos,
+        synthetic=synthetic_config({}),
+        seed=args.seed,
+    )
+    print(format_report(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        print(f"report: {args.json}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from datagen.export import export_dataset
+
+    result = export_dataset(
+        args.dataset,
+        args.to,
+        features=args.features,
+        keys=args.key or None,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"exported {result.samples} samples ({result.files} files, {_human(result.bytes)}) "
+        f"-> {result.path}"
+    )
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="datagen",
@@ -152,6 +208,36 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check every shard against manifest and schemas")
     v.add_argument("dataset", type=Path)
     v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="score a tracker and quality control against exact ground truth (synthetic set)",
+    )
+    c.add_argument("--tracker", default="lk", help="lk (default), dis, or a registered tracker")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="tracker.SETTING=VALUE",
+        help="tracker setting, e.g. tracker.win_size=7 (repeatable)",
+    )
+    c.add_argument("--videos", type=int, default=8, help="synthetic videos (default 8)")
+    c.add_argument(
+        "--seed",
+        type=int,
+        default=1000,
+        help="first video seed (default 1000, held out from tests and tuning)",
+    )
+    c.add_argument("--json", type=Path, help="also write the full report as JSON")
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("export", help="write a dataset as plain files: one folder per key")
+    e.add_argument("dataset", help="dataset folder, manifest, shard glob or URL")
+    e.add_argument("--to", type=Path, required=True, help="folder to create")
+    e.add_argument("--features", action="store_true", help="also write the q/k feature arrays")
+    e.add_argument("--key", action="append", default=[], help="only this key (repeatable)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export in --to")
+    e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="summarise a sample and draw its tracks to a PNG")
     i.add_argument("dataset", type=Path)

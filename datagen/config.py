@@ -72,6 +72,18 @@ class TrackerConfig:
 
 
 @dataclass
+class QCSettings:
+    """Quality control of tracker labels (see datagen.track.qc.QCConfig for definitions)."""
+
+    cycle_threshold: float = 2.0
+    check_cycle: bool = True
+    min_visible_fraction: float = 0.5
+    min_motion: float = 0.0
+    max_jitter: float = 4.0
+    min_kept_fraction: float = 0.3
+
+
+@dataclass
 class VideoConfig:
     """How each video is stored; labels are computed on the decoded result."""
 
@@ -123,6 +135,7 @@ class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    qc: QCSettings = field(default_factory=QCSettings)
     video: VideoConfig = field(default_factory=VideoConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -358,6 +371,12 @@ def check_config(cfg: BuildConfig) -> None:
         raise UserError(f"video.pix_fmt '{cfg.video.pix_fmt}' is not one of yuv420p, yuv444p")
     if not 0 <= cfg.video.crf <= 51:
         raise UserError(f"video.crf must be in 0..51, got {cfg.video.crf}")
+    from datagen.track.qc import QCConfig
+
+    try:
+        QCConfig(**dataclasses.asdict(cfg.qc))
+    except ValueError as exc:
+        raise UserError(f"qc: {exc} (--set qc.FIELD=VALUE)") from None
     if cfg.source.kind not in ("text-to-video", "synthetic"):
         raise UserError(
             f"source '{cfg.source.kind}' is not one of text-to-video, synthetic (--source)"

@@ -17,9 +17,16 @@ FEATURE_MEMBER = "qk.safetensors"
 """Features-shard member with the captured q/k (when features are captured)."""
 
 
-def members_for(corr: bool, features: bool) -> dict[str, list[str]]:
-    """Member extensions per shard kind for a build that captures ``corr``/``features``."""
-    out = {"core": sorted(CORE_MEMBERS + ((CORR_MEMBER,) if corr else ()))}
+QC_MEMBER = "qc_flags.npy"
+"""Core member: uint8 (N,) quality-control flag bits per track (0 = kept), when QC runs."""
+QC_FLAG_BITS = {"cycle": 1, "visible_fraction": 2, "motion": 4, "jitter": 8}
+
+
+def members_for(corr: bool, features: bool, qc: bool = False) -> dict[str, list[str]]:
+    """Member extensions per shard kind for a build that captures ``corr``/``features`` and
+    runs quality control (``qc``)."""
+    extra = ((CORR_MEMBER,) if corr else ()) + ((QC_MEMBER,) if qc else ())
+    out = {"core": sorted(CORE_MEMBERS + extra)}
     if features:
         out["features"] = [FEATURE_MEMBER]
     return out

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datagen.index import build_index, index_name
 from datagen.sample import json_bytes
 
 MANIFEST = "manifest.json"
@@ -133,6 +134,8 @@ class ShardStats:
     files: dict[str, dict[str, Any]]
     """kind -> {"path", "bytes", "sha256"} of each tar of the shard."""
     rejected: list[Rejected] = field(default_factory=list)
+    qc: dict[str, Any] = field(default_factory=dict)
+    """Quality-control outcome of the shard's samples (verdict counts and reasons)."""
 
     @property
     def samples(self) -> int:
@@ -154,11 +157,13 @@ def write_shard(
     tars: dict[str, dict[str, dict[str, bytes]]],
     fingerprint: str,
     rejected: list[Rejected],
+    qc: dict[str, Any] | None = None,
 ) -> ShardStats:
     """Write, verify and commit one shard (one tar per kind, same keys); return its stats.
 
-    The stats file, written last, is the commit marker: a crash before it leaves a shard that
-    the next run rebuilds.
+    Next to each tar goes its member-offset index (``<tar>.idx.json``, see datagen.index). The
+    stats file, written last, is the commit marker: a crash before it leaves a shard that the
+    next run rebuilds.
     """
     keys = sorted(tars.get("core", {}))
     files = {}
@@ -174,7 +179,10 @@ def write_shard(
             final.unlink(missing_ok=True)
             raise OSError(f"{final}: bytes on disk differ from what was written")
         files[kind] = {"path": final.name, "bytes": len(data), "sha256": digest}
-    stats = ShardStats(index, fingerprint, keys, files, rejected)
+        # Member offsets and checksums for random access (datagen.index); before the commit
+        # marker, so a committed shard has its index.
+        atomic_write(out / index_name(final.name), build_index(data, final.name, digest).to_bytes())
+    stats = ShardStats(index, fingerprint, keys, files, rejected, qc or {})
     atomic_write(out / stats_name(index), json_bytes(stats.to_json()))
     return stats
 
@@ -236,6 +244,15 @@ def build_manifest(
             )
         rejected += [asdict(r) for r in s.rejected]
     core = [e for e in shards if e["kind"] == "core"]
+    checked = [s.qc for s in stats if s.qc]
+    qc = (
+        {
+            "accepted": sum(q["accepted"] for q in checked),
+            "rejected": sum(q["rejected"] for q in checked),
+        }
+        if checked
+        else None
+    )
     return {
         "format_version": FORMAT_VERSION,
         "config": config,
@@ -252,4 +269,5 @@ def build_manifest(
             "rejected": len(rejected),
         },
         "rejected": rejected,
+        "qc": qc,
     }

@@ -162,3 +162,33 @@ def test_dry_run_sizes_follow_the_capture_choice(run_cli, tmp_path):
     assert "2 layers x 2 steps" in base and "2 layers x 4 steps" in more
     feat = lambda line: float(line.split("+ ")[1].split(" KB")[0])  # noqa: E731
     assert abs(feat(more) - 2 * feat(base)) < 0.2
+
+
+def test_calibrate_reports_all_and_kept_and_writes_json(run_cli, tmp_path):
+    import json
+
+    out = tmp_path / "cal.json"
+    code, text, _ = run_cli("calibrate", "--videos", "1", "--seed", "7", "--json", out)
+    assert code == 0 and "delta_avg" in text and "kept" in text
+    report = json.loads(out.read_text())
+    assert report["videos"] == 1 and report["seeds"] == [7]
+    assert 0 <= report["all"]["delta_avg"] <= 100 and report["kept"]["delta_avg"] is not None
+    code, _, err = run_cli("calibrate", "--set", "tracker.win_size=-3")
+    assert code == 2 and err.startswith("datagen: error: --tracker lk:")
+
+
+def test_export_writes_plain_files(run_cli, tmp_path, bank):
+    import numpy as np
+
+    from datagen import open_dataset
+
+    out = tmp_path / "ds"
+    assert run_cli("build", "--prompts", bank, "--out", out, "--quiet", "--limit", "1")[0] == 0
+    code, text, _ = run_cli("export", out, "--to", tmp_path / "files")
+    assert code == 0 and "exported 1 samples" in text
+    s = next(iter(open_dataset(out)))
+    folder = tmp_path / "files" / s["key"]
+    np.testing.assert_array_equal(np.load(folder / "tracks.npy"), s["tracks"])
+    assert (folder / "video.mp4").stat().st_size > 0
+    code, _, err = run_cli("export", out, "--to", tmp_path / "files")
+    assert code == 2 and "is not empty" in err
