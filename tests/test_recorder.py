@@ -35,3 +35,34 @@ def test_masked_text_keys_are_left_out_of_the_correspondence():
     assert not torch.allclose(
         torch.from_numpy(got["mass_text"]), torch.from_numpy(padded["mass_text"])
     )
+
+
+def test_batched_dense_path_equals_the_chunked_kernel_per_video():
+    from datagen.capture import batched
+
+    g = torch.Generator().manual_seed(1)
+    b, heads, frames, h, w, d, n_text = 3, 2, 4, 3, 5, 8, 6
+    q = torch.randn(b, heads, frames, h * w, d, generator=g)
+    k = torch.randn(b, heads, frames, h * w, d, generator=g)
+    kt = torch.randn(b, heads, n_text, d, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 1, 1]]).bool()
+    qt = torch.tensor([0, 7, 14, 3])
+    dense = batched.batched_correspondence(q, k, qt, kt, mask, grid_hw=(h, w))
+    limit = batched.DENSE_LIMIT
+    batched.DENSE_LIMIT = 0  # force the chunked per-video path
+    try:
+        chunked = batched.batched_correspondence(q, k, qt, kt, mask, grid_hw=(h, w))
+    finally:
+        batched.DENSE_LIMIT = limit
+    for i in range(b):
+        ref = compute_correspondence(
+            q[i], k[i], qt, k_text=kt[i][:, mask[i]], grid_hw=(h, w)
+        ).to_numpy()
+        for got in (dense[i], chunked[i]):
+            assert sorted(got) == sorted(ref)
+            for name, arr in ref.items():
+                assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
+                if arr.dtype.kind == "i":
+                    assert (got[name] == arr).all(), name
+                else:
+                    assert abs(got[name] - arr).max() <= 1e-5, name

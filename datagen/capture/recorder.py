@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datagen.capture.correspondence import compute_correspondence
+from datagen.capture.batched import batched_correspondence
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,17 @@ class Recorder:
                     self.features[b][feature_name(kind, layer, self.step)] = (
                         t.detach().to("cpu", torch.float16, copy=True).contiguous()
                     )
-            if self._wants_corr(layer) and self.query_tokens is not None:
-                result = compute_correspondence(
-                    q_video[b],
-                    k_video[b],
-                    self.query_tokens.to(q_video.device),
-                    k_text=_real_text_keys(k_text, extra.get("text_mask"), b),
-                    grid_hw=self.token_grid[1:],
-                )
-                self.correspondence[b][(layer, self.step)] = result.to_numpy()
+        if self._wants_corr(layer) and self.query_tokens is not None:
+            results = batched_correspondence(
+                q_video,
+                k_video,
+                self.query_tokens,
+                k_text=k_text,
+                text_mask=extra.get("text_mask"),
+                grid_hw=self.token_grid[1:],
+            )
+            for b, arrays in enumerate(results):
+                self.correspondence[b][(layer, self.step)] = arrays
 
     def stacked_correspondence(self, b: int) -> tuple[dict[str, np.ndarray], list, list]:
         """Video ``b``'s correspondence arrays stacked to (layers, steps, ...), with the lists."""
@@ -146,15 +148,3 @@ class Recorder:
                 [np.stack([got[(layer, s)][name] for s in steps]) for layer in layers]
             )
         return out, layers, steps
-
-
-def _real_text_keys(
-    k_text: torch.Tensor | None, text_mask: torch.Tensor | None, b: int
-) -> torch.Tensor | None:
-    """Text keys of video ``b`` that share the softmax: padded keys the model masks out
-    (HunyuanVideo) are dropped so the correspondence sees the attention the model computes."""
-    if k_text is None:
-        return None
-    if text_mask is None:
-        return k_text[b]
-    return k_text[b][:, text_mask[b].to(torch.bool)]
