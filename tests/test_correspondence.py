@@ -145,11 +145,18 @@ def test_fp16_inputs_match_reference_of_the_same_values():
     assert q.dtype == torch.float16 and k.dtype == torch.float16  # inputs untouched
 
 
-@pytest.mark.parametrize("row_chunk", [1, 7, 4096])
-def test_chunk_size_does_not_change_results(row_chunk):
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        dict(row_chunk=1, head_chunk=1, fwd_chunk=1),
+        dict(row_chunk=7, head_chunk=2, fwd_chunk=3),
+        dict(row_chunk=4096, head_chunk=HEADS, fwd_chunk=4096),
+    ],
+)
+def test_chunk_sizes_do_not_change_results(chunks):
     q, k, kt, qt = _random_inputs(torch.float64, seed=4)
     base = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW)).to_numpy()
-    res = compute_correspondence(q, k, qt, k_text=kt, row_chunk=row_chunk, grid_hw=(GH, GW))
+    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), **chunks)
     for name, value in res.to_numpy().items():
         np.testing.assert_allclose(value, base[name], rtol=0, atol=1e-6, err_msg=name)
 
@@ -266,13 +273,16 @@ def test_shape_errors():
         compute_correspondence(q, k[:, :2], qt, grid_hw=(GH, GW))
     with pytest.raises(ValueError):
         compute_correspondence(q, k, qt, k_text=kt[..., :-1], grid_hw=(GH, GW))
-    with pytest.raises(ValueError):
-        compute_correspondence(q, k, qt, grid_hw=(GH, GW), row_chunk=0)
+    for bad in (dict(row_chunk=0), dict(head_chunk=0), dict(fwd_chunk=-1), dict(row_chunk=2.0)):
+        with pytest.raises(ValueError):
+            compute_correspondence(q, k, qt, grid_hw=(GH, GW), **bad)
 
 
 def test_empty_queries():
     q, k, kt, _ = _random_inputs(torch.float32)
-    res = compute_correspondence(q, k, torch.zeros(0, dtype=torch.long), k_text=kt, grid_hw=(GH, GW))
+    res = compute_correspondence(
+        q, k, torch.zeros(0, dtype=torch.long), k_text=kt, grid_hw=(GH, GW)
+    )
     assert res.match_forward.shape == (0, FRAMES) and res.mass_text.shape == (0,)
     assert res.match_reverse.shape == (FRAMES, GH * GW)
 

@@ -37,22 +37,34 @@ What is computed (``N`` query tokens on latent frame 0, ``F`` frames, ``T = h * 
 
 Cost and memory
 ---------------
-Scores are computed in float32 (float64 when an input is float64) one block at a time:
+Logits are computed in float32 (float64 when an input is float64), a block at a time, with the
+softmax scale folded into one float copy of the keys:
 
-* forward + full sequence: blocks of ``c = max(1, row_chunk // F)`` query tokens against all
-  ``F * T`` video keys (``heads x c x F*T`` scores). Both directions are read off the same
-  block: the frame-pair softmax directly, and the full-sequence probability as
-  ``P_h * exp(lse_h(frame) - lse_h(all))`` with a per-head log-sum-exp over all keys, which is
-  exact and avoids computing the scores twice;
-* reverse: blocks of ``row_chunk`` video query rows (any frames) against frame 0's keys
-  (``heads x row_chunk x T`` scores), softmax, sum over heads, argmax.
+* forward + full sequence, for blocks of ``fwd_chunk`` query tokens, frame by frame: the
+  ``heads x fwd_chunk x T`` logits against frame ``f``, their frame-pair softmax (kept for
+  every frame: ``F x heads x fwd_chunk x T``), its head mean (match, max, soft-argmax) and each
+  head's log-sum-exp over the frame (``lse = max logit - log(max prob)``, exact). Once all
+  frames (and the text keys) are done, the per-head log-sum-exp over the whole sequence gives
+  each frame's share of the full softmax, and the full-sequence probability of a token of
+  frame ``f`` is ``P_pair * exp(lse_h(f) - lse_h(all))``: both directions come from one pass
+  of logits, with no second matmul;
+* reverse, for blocks of ``row_chunk`` video query rows (any frames) and ``head_chunk`` heads:
+  the logits against frame 0's keys, softmax, head sum (accumulated), argmax.
 
-Extra memory is one float copy of the scaled keys (``heads x F*T x d``) plus a few score
-blocks of ``heads x row_chunk x T`` elements; the matmul work is the minimum:
-``2 * heads * d * (N * (L + F*T) + F * T * T)`` FLOPs. The default ``row_chunk`` (128) keeps a
-block (about 20 MB at CogVideoX-2B size) in a CPU's last-level cache. Only device-agnostic torch
-operations are used: CUDA tensors are processed on their device, and results come back on the
-CPU.
+The matmul work is the minimum the outputs need, ``2 * heads * d * (N * (L + F*T) + F*T*T)``
+FLOPs; on top of it comes one ``exp`` per logit (inside ``torch.softmax``). Extra memory is the
+float copy of the keys (``heads x F*T x d``), the forward block (``F x heads x fwd_chunk x T``)
+and two reverse blocks (``head_chunk x row_chunk x T``): about 450 MB at CogVideoX-2B size with
+the defaults (the key copy 135 MB, the forward block 270 MB; the reverse block, ~20 MB, fits a
+CPU's last-level cache). Whole-layer
+maps (``heads x tokens x tokens``, 37 GB there) never exist. ``head_chunk=1`` with
+``row_chunk=256`` keeps the block smaller still and was ~15% faster on an idle 2-core CPU, but
+issues 30 times more (small) operations, which is much slower when other processes share the
+CPU; hence the all-heads default.
+
+Only device-agnostic torch operations are used: CUDA tensors are processed on their device
+(default reverse blocks of 1024 rows there; float32 matmuls follow
+``torch.backends.cuda.matmul.allow_tf32``, off by default), and results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -69,9 +81,11 @@ __all__ = [
     "token_index_from_xy",
 ]
 
-DEFAULT_ROW_CHUNK = 128
-"""Video query rows per reverse-direction block."""
-DEFAULT_FWD_CHUNK = 32
+DEFAULT_ROW_CHUNK_CPU = 128
+"""Video query rows per reverse-direction block on the CPU (all heads: ~20 MB at 2B size)."""
+DEFAULT_ROW_CHUNK_GPU = 1024
+"""Video query rows per reverse-direction block on other devices."""
+DEFAULT_FWD_CHUNK = 128
 """Query tokens per forward block."""
 
 
@@ -214,9 +228,10 @@ def compute_correspondence(
     query_tokens: torch.Tensor,
     k_text: torch.Tensor | None = None,
     scale: float | None = None,
-    row_chunk: int = DEFAULT_ROW_CHUNK,
+    row_chunk: int | None = None,
     *,
     grid_hw: tuple[int, int] | None = None,
+    head_chunk: int | None = None,
     fwd_chunk: int = DEFAULT_FWD_CHUNK,
 ) -> CorrespondenceResult:
     """Forward/reverse matches, confidence and attention mass for one layer; see the module doc.
@@ -227,27 +242,42 @@ def compute_correspondence(
         query_tokens: ``(N,)`` integer token indices within latent frame 0 (``y * w + x``).
         k_text: optional ``(heads, L, d)`` text keys, part of the full-sequence softmax.
         scale: softmax scale, default ``d ** -0.5``.
-        row_chunk: query rows per reverse block (``max(1, row_chunk // F)`` queries per forward
-            block); bounds the working memory to a few ``heads x row_chunk x h*w`` blocks.
-        grid_hw: ``(h, w)``, required for 4-D inputs.
+        row_chunk: video query rows per reverse block; default 128 on the CPU, 1024 elsewhere.
+        grid_hw: ``(h, w)``, required for 4-D inputs (inferred from 5-D ones).
+        head_chunk: heads per reverse block, default all.
+        fwd_chunk: query tokens per forward block (default 128).
+
+    The chunk sizes only bound the working memory and set the speed; results do not depend on
+    them beyond float rounding.
+
+    Returns:
+        A :class:`CorrespondenceResult` of CPU tensors.
 
     Raises:
-        ValueError: inconsistent shapes, ``query_tokens`` outside ``[0, h*w)``, bad
-            ``row_chunk``. TypeError: non-tensor or non-float q/k.
+        ValueError: inconsistent shapes or devices, ``query_tokens`` not 1-D integers in
+            ``[0, h*w)``, chunk sizes that are not positive ints.
+        TypeError: q/k/k_text that are not floating-point tensors.
     """
     q, k, h, w = _video_shapes(q_video, k_video, grid_hw)
     heads, num_frames, tokens, d = q.shape
     device = q.device
-    for name, value in (("row_chunk", row_chunk), ("fwd_chunk", fwd_chunk)):
+    cpu = device.type == "cpu"
+    if row_chunk is None:
+        row_chunk = DEFAULT_ROW_CHUNK_CPU if cpu else DEFAULT_ROW_CHUNK_GPU
+    if head_chunk is None:
+        head_chunk = heads
+    for name, value in (
+        ("row_chunk", row_chunk),
+        ("head_chunk", head_chunk),
+        ("fwd_chunk", fwd_chunk),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if k_text is not None:
         if not isinstance(k_text, torch.Tensor) or not k_text.is_floating_point():
             raise TypeError("k_text must be a floating-point torch.Tensor or None")
         if k_text.dim() != 3 or k_text.shape[0] != heads or k_text.shape[2] != d:
-            raise ValueError(
-                f"k_text must be (heads={heads}, L, d={d}), got {tuple(k_text.shape)}"
-            )
+            raise ValueError(f"k_text must be (heads={heads}, L, d={d}), got {tuple(k_text.shape)}")
         if k_text.device != device:
             raise ValueError(f"k_text is on {k_text.device} but the video tensors on {device}")
         if k_text.shape[1] == 0:
@@ -280,29 +310,35 @@ def compute_correspondence(
         return torch.empty(shape, dtype=cdtype, device=device)
 
     # Buffers are allocated once and reused: fresh multi-MB allocations cost page faults.
-    block = min(max(1, fwd_chunk), max(1, n_queries))
+    block = min(fwd_chunk, max(1, n_queries))
     scores = empty(heads, block, tokens)  # one frame's logits
-    probs = empty(heads, block, num_frames, tokens)  # frame-pair softmax of every frame
-    head_sum = empty(block, tokens)
-    s_max = empty(heads, block, num_frames)
-    p_max = empty(heads, block, num_frames)
+    probs = empty(num_frames, heads, block, tokens)  # frame-pair softmax of every frame
+    head_sum = empty(num_frames, block, tokens)
+    s_max = empty(num_frames, heads, block)
+    p_max = empty(num_frames, heads, block)
+    full_mean = empty(block, 1, tokens)
+    ones = torch.ones(1, heads, dtype=cdtype, device=device)
     q_sel = q[:, 0].index_select(1, qt)  # (heads, N, d), input dtype
     for n0 in range(0, n_queries, block):
         n1 = min(n0 + block, n_queries)
         c = n1 - n0
         qc = q_sel[:, n0:n1].to(cdtype)
         for f in range(num_frames):
-            s = torch.bmm(qc, k_all_t[:, :, f * tokens : (f + 1) * tokens], out=scores[:, :c])
-            torch.amax(s, dim=-1, out=s_max[:, :c, f])
-            p = torch.softmax(s, dim=-1, out=probs[:, :c, f])
-            torch.amax(p, dim=-1, out=p_max[:, :c, f])
-            ps = torch.sum(p, dim=0, out=head_sum[:c])  # head sum = heads * head mean
-            match_forward[n0:n1, f] = ps.argmax(dim=-1)
-            match_prob[n0:n1, f] = ps.amax(dim=-1) / heads
-            soft_forward[n0:n1, f] = torch.matmul(ps, grid) / heads
+            k_f = k_all_t[:, :, f * tokens : (f + 1) * tokens]
+            s = torch.bmm(qc, k_f, out=scores[:, :c])
+            torch.amax(s, dim=-1, out=s_max[f, :, :c])
+            p = torch.softmax(s, dim=-1, out=probs[f, :, :c])
+            torch.amax(p, dim=-1, out=p_max[f, :, :c])
+            # head sum (= heads * head mean) as a (1 x heads) @ (heads x c*T) product: one
+            # read of p, faster than torch.sum over the outer dimension
+            torch.mm(ones, p.view(heads, c * tokens), out=head_sum[f, :c].view(1, c * tokens))
+        hs = head_sum[:, :c]  # (F, c, T)
+        match_forward[n0:n1] = hs.argmax(dim=-1).T
+        match_prob[n0:n1] = hs.amax(dim=-1).T / heads
+        soft_forward[n0:n1] = torch.matmul(hs, grid).transpose(0, 1) / heads
         # Per-head log-sum-exp of each frame's logits (max prob = exp(s_max - lse) exactly),
         # then over the whole sequence.
-        lse_frame = s_max[:, :c] - torch.log(p_max[:, :c])  # (heads, c, F)
+        lse_frame = (s_max[:, :, :c] - torch.log(p_max[:, :, :c])).permute(1, 2, 0)  # (h, c, F)
         if kt_t is not None:
             lse_text = torch.logsumexp(torch.bmm(qc, kt_t), dim=-1)  # (heads, c)
             lse_all = torch.logsumexp(torch.cat([lse_text[..., None], lse_frame], dim=-1), -1)
@@ -312,28 +348,44 @@ def compute_correspondence(
         share = torch.exp(lse_frame - lse_all[..., None])  # (heads, c, F): frames' full mass
         mass_per_frame[n0:n1] = share.mean(dim=0)
         # Full-sequence probability of a token of frame f = frame-pair probability * share;
-        # the head mean of it is one batched (1 x heads) @ (heads x T) product per (query, f).
-        weights = (share / heads).permute(1, 2, 0).reshape(c * num_frames, 1, heads)
-        p_all = probs[:, :c].permute(1, 2, 0, 3).reshape(c * num_frames, heads, tokens)
-        full_mean = torch.bmm(weights, p_all).view(c, num_frames, tokens)
-        confidence[n0:n1] = full_mean.amax(dim=-1)
-    del scores, probs, head_sum
+        # its head mean is one (1 x heads) @ (heads x T) product per query (batched bmm).
+        weights = (share / heads).permute(2, 1, 0)  # (F, c, heads)
+        for f in range(num_frames):
+            p_f = probs[f, :, :c].transpose(0, 1)  # (c, heads, T), a strided view
+            out_f = torch.bmm(weights[f].unsqueeze(1), p_f, out=full_mean[:c])
+            confidence[n0:n1, f] = out_f.squeeze(1).amax(dim=-1)
+    del scores, probs, head_sum, full_mean
 
     # ---- reverse matching: every video token -> frame 0 --------------------------------------
+    # Blocks of rows x head_chunk heads; the head sum of the probabilities accumulates in acc.
     q_rows = q.reshape(heads, num_frames * tokens, d)
     n_rows = num_frames * tokens
     rows = min(row_chunk, n_rows)
-    scores = empty(heads, rows, tokens)
-    probs = empty(heads, rows, tokens)
-    head_sum = empty(rows, tokens)
+    hg = min(head_chunk, heads)
+    scores = empty(hg, rows, tokens)
+    probs = empty(hg, rows, tokens)
+    head_sum = empty(rows * tokens)
     match_reverse = torch.empty(n_rows, dtype=torch.long, device=device)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         c = r1 - r0
-        s = torch.bmm(q_rows[:, r0:r1].to(cdtype), k0_t, out=scores[:, :c])
-        p = torch.softmax(s, dim=-1, out=probs[:, :c])
+        qc = q_rows[:, r0:r1].to(cdtype)
+        acc = head_sum[: c * tokens]
+        for h0 in range(0, heads, hg):
+            h1 = min(h0 + hg, heads)
+            g = h1 - h0
+            s = torch.bmm(qc[h0:h1], k0_t[h0:h1], out=scores[:g, :c])
+            p = torch.softmax(s, dim=-1, out=probs[:g, :c]).view(g, c * tokens)
+            if g == 1 and h0 == 0:
+                acc.copy_(p[0])
+            elif g == 1:
+                acc.add_(p[0])
+            elif h0 == 0:  # (1 x g) @ (g x c*T): one read of p, faster than torch.sum
+                torch.mm(ones[:, :g], p, out=acc.view(1, -1))
+            else:
+                acc.view(1, -1).addmm_(ones[:, :g], p)
         # the head sum and the head mean share their argmax
-        match_reverse[r0:r1] = torch.sum(p, dim=0, out=head_sum[:c]).argmax(dim=-1)
+        torch.argmax(acc.view(c, tokens), dim=-1, out=match_reverse[r0:r1])
     del scores, probs, head_sum
 
     def out(t: torch.Tensor) -> torch.Tensor:
