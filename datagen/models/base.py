@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from datagen.capture.recorder import Recorder
 from datagen.config import GenerationConfig, ModelConfig
+from datagen.errors import UserError
 from datagen.layout import TokenLayout
 
 
@@ -37,3 +41,55 @@ class ModelFamily(Protocol):
         gen: GenerationConfig,
     ) -> np.ndarray:
         """Generate videos: uint8 (B, T, H, W, 3) RGB."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device: auto = cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"model.device '{name}' is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device '{name}' asked for, but no CUDA device is available")
+    return dev
+
+
+@contextmanager
+def offline_hint(model_id: str, example_folder: str) -> Iterator[None]:
+    """Turn a failed ``from_pretrained`` into one line that names the offline route."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(
+            f"cannot load model '{model_id}' ({reason}); without internet, download it "
+            f"elsewhere and pass its local folder with --set model.model_id={example_folder}"
+            + ("" if offline else " (and set HF_HUB_OFFLINE=1)")
+        ) from None
+
+
+def generate_frames(
+    pipe: Any, prompts: list[str], seeds: list[int], gen: GenerationConfig, **kwargs: Any
+) -> np.ndarray:
+    """Run a diffusers video pipeline with one seeded CPU generator per video (so a video does
+    not depend on its batch-mates' seeds); uint8 (B, T, H, W, 3) RGB."""
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompts,
+            height=gen.height,
+            width=gen.width,
+            num_frames=gen.num_frames,
+            num_inference_steps=gen.num_inference_steps,
+            guidance_scale=gen.guidance_scale,
+            generator=generators,
+            output_type="np",
+            max_sequence_length=gen.max_sequence_length,
+            **kwargs,
+        )
+    frames = np.asarray(out.frames, dtype=np.float32)
+    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)

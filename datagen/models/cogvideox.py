@@ -8,7 +8,6 @@ holds video frames 4f-3 .. 4f) and 8x in space; the transformer patches 2x2.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,21 +21,10 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
+from datagen.models.base import generate_frames, offline_hint, resolve_device
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"model.device '{name}' is not a device; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device '{name}' asked for, but no CUDA device is available")
-    return dev
 
 
 class CogVideoXFamily:
@@ -70,19 +58,10 @@ class CogVideoXFamily:
                 folder = save_tiny_pipeline(Path(tmp) / "pipe")
                 pipe = CogVideoXPipeline.from_pretrained(str(folder), dtype=dtype)
         else:
-            try:
+            with offline_hint(cfg.model_id, "/path/to/CogVideoX"):
                 pipe = CogVideoXPipeline.from_pretrained(
                     cfg.model_id, revision=cfg.revision, dtype=dtype
                 )
-            except (OSError, ValueError) as exc:
-                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
-                raise UserError(
-                    f"cannot load model '{cfg.model_id}' ({reason}); without internet, "
-                    "download it elsewhere and pass its local folder with "
-                    "--set model.model_id=/path/to/CogVideoX"
-                    + ("" if offline else " (and set HF_HUB_OFFLINE=1)")
-                ) from None
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -154,22 +133,7 @@ class CogVideoXFamily:
         seeds: list[int],
         gen: GenerationConfig,
     ) -> np.ndarray:
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            out = pipe(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
-                height=gen.height,
-                width=gen.width,
-                num_frames=gen.num_frames,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                generator=generators,
-                output_type="np",
-                max_sequence_length=gen.max_sequence_length,
-            )
-        frames = np.asarray(out.frames, dtype=np.float32)
-        return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+        return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
 
 
 class CogVideoXCaptureProcessor:

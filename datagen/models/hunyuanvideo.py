@@ -33,7 +33,6 @@ prompt) runs two separate forwards per step, the conditional one first, each ins
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
-from datagen.models.cogvideox import resolve_device
+from datagen.models.base import generate_frames, offline_hint, resolve_device
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
@@ -416,19 +415,11 @@ class HunyuanVideoFamily:
                 build_tiny_hunyuan_pipeline().save_pretrained(str(folder))
                 pipe = HunyuanVideoPipeline.from_pretrained(str(folder), dtype=dtype)
         else:
-            try:
+            hint = "/path/to/HunyuanVideo (e.g. hunyuanvideo-community/HunyuanVideo)"
+            with offline_hint(cfg.model_id, hint):
                 pipe = HunyuanVideoPipeline.from_pretrained(
                     cfg.model_id, revision=cfg.revision, dtype=dtype
                 )
-            except (OSError, ValueError) as exc:
-                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
-                raise UserError(
-                    f"cannot load model '{cfg.model_id}' ({reason}); without internet, "
-                    "download it elsewhere (e.g. hunyuanvideo-community/HunyuanVideo) and pass "
-                    "its local folder with --set model.model_id=/path/to/HunyuanVideo"
-                    + ("" if offline else " (and set HF_HUB_OFFLINE=1)")
-                ) from None
             # Decoding 129x720x1280 in one piece needs far more memory than the DiT; tiled
             # decoding is what the model card uses. (It changes pixels slightly, deterministically.)
             pipe.vae.enable_tiling()
@@ -494,26 +485,11 @@ class HunyuanVideoFamily:
         matter with true CFG, which runs when ``gen`` has a ``true_cfg_scale`` above 1 (two
         forwards per step, conditional first).
         """
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         true_cfg = float(getattr(gen, "true_cfg_scale", 1.0) or 1.0)
         cfg_kwargs: dict[str, Any] = {}
         if true_cfg > 1:
             cfg_kwargs = {"negative_prompt": negative_prompts, "true_cfg_scale": true_cfg}
-        with torch.inference_mode():
-            out = pipe(
-                prompt=prompts,
-                height=gen.height,
-                width=gen.width,
-                num_frames=gen.num_frames,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                generator=generators,
-                output_type="np",
-                max_sequence_length=gen.max_sequence_length,
-                **cfg_kwargs,
-            )
-        frames = np.asarray(out.frames, dtype=np.float32)
-        return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+        return generate_frames(pipe, prompts, seeds, gen, **cfg_kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ counts forward calls to know the step and whether the current call is the condit
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
-from datagen.models.cogvideox import resolve_device
+from datagen.models.base import generate_frames, offline_hint, resolve_device
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
@@ -82,22 +81,13 @@ class WanFamily:
             )
         dtype = getattr(torch, cfg.dtype)
         device = resolve_device(cfg.device)
-        try:
+        with offline_hint(cfg.model_id, "/path/to/Wan2.1-T2V-Diffusers"):
             vae = AutoencoderKLWan.from_pretrained(
                 cfg.model_id, subfolder="vae", revision=cfg.revision, dtype=torch.float32
             )
             pipe = WanPipeline.from_pretrained(
                 cfg.model_id, vae=vae, revision=cfg.revision, dtype=dtype
             )
-        except (OSError, ValueError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
-                f"cannot load model '{cfg.model_id}' ({reason}); without internet, "
-                "download it elsewhere and pass its local folder with "
-                "--set model.model_id=/path/to/Wan2.1-T2V-Diffusers"
-                + ("" if offline else " (and set HF_HUB_OFFLINE=1)")
-            ) from None
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("expand_timesteps"):
             raise UserError(
                 f"model '{cfg.model_id}' is a Wan 2.2 checkpoint (two experts or per-token "
@@ -149,22 +139,7 @@ class WanFamily:
         gen: GenerationConfig,
     ) -> np.ndarray:
         """Generate videos: uint8 (B, T, H, W, 3) RGB, one seeded CPU generator per video."""
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            out = pipe(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
-                height=gen.height,
-                width=gen.width,
-                num_frames=gen.num_frames,
-                num_inference_steps=gen.num_inference_steps,
-                guidance_scale=gen.guidance_scale,
-                generator=generators,
-                output_type="np",
-                max_sequence_length=gen.max_sequence_length,
-            )
-        frames = np.asarray(out.frames, dtype=np.float32)
-        return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+        return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
 
 
 def install_capture_on_transformer(
