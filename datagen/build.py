@@ -104,7 +104,10 @@ def check_output_dir(out: Path, fingerprint: str, needed_bytes: int) -> None:
             raise UserError(f"output {out} exists and is not a folder (--out)")
         entries = [e for e in out.iterdir() if not e.name.startswith(".")]
         ours = [e for e in entries if e.name == MANIFEST or e.name.endswith(".stats.json")]
-        if entries and not ours:
+        # A build stopped before its first shard committed leaves only its log (and hidden
+        # partial files): that folder is ours to resume into.
+        started = [e for e in entries if e.name == "build.log"]
+        if entries and not ours and not started:
             raise UserError(
                 f"output {out} is not empty and holds no datagen build; choose an empty or new "
                 "folder (--out)"

@@ -171,3 +171,15 @@ def test_different_config_into_same_folder_is_refused(built, tmp_path):
     with pytest.raises(UserError, match="config fingerprint"):
         _build(prompts, out, ["generation.seed=1"])
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_build_stopped_before_its_first_commit_resumes(built, tmp_path):
+    root, prompts, *_ = built
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "build.log").write_text("started\n")
+    (out / ".core-000000.tar.partial").write_bytes(b"half a tar")
+    again = _build(prompts, out)
+    assert again.shards_built == 3
+    for name in ("core-000000.tar", "features-000002.tar"):
+        assert (out / name).read_bytes() == (root / "a" / name).read_bytes()
