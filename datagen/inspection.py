@@ -8,21 +8,22 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datagen.data import decode_core_sample, shard_urls
+from datagen.data import open_dataset
 from datagen.errors import UserError
-from datagen.shards import iter_tar_samples
 
 
 def find_sample(folder: Path, key: str | None) -> dict[str, Any]:
-    """The sample with ``key`` (the first sample when None), decoded."""
-    for url in shard_urls(folder):
-        for k, raw in iter_tar_samples(Path(url)):
-            if key is None or k == key:
-                raw = dict(raw, __key__=k, __url__=url)
-                return decode_core_sample(raw)
+    """The sample with ``key`` (the first sample when None), read through the member index."""
+    ds = open_dataset(folder)
     if key is None:
-        raise UserError(f"{folder} holds no samples")
-    raise UserError(f"no sample with key '{key}' in {folder}; list keys with datagen inspect")
+        try:
+            return ds[0]
+        except IndexError:
+            raise UserError(f"{folder} holds no samples") from None
+    if key not in ds:
+        first = ", ".join(ds.keys()[:3])
+        raise UserError(f"no sample with key '{key}' in {folder}; keys look like: {first}")
+    return ds[key]
 
 
 def summary(sample: dict[str, Any]) -> str:

@@ -93,3 +93,30 @@ def generate_frames(
         )
     frames = np.asarray(out.frames, dtype=np.float32)
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def check_video_size(
+    gen: GenerationConfig,
+    family: str,
+    *,
+    temporal: int,
+    spatial: int,
+    patch: int,
+    frame_examples: str,
+    size_hint: str = "",
+) -> None:
+    """Refuse sizes a causal-VAE video DiT cannot take as given (pipelines would silently
+    round them, and the video would not match the recorded layout): frames must be
+    ``temporal*k + 1`` and each side a multiple of ``spatial * patch``."""
+    if gen.num_frames < 1 or (gen.num_frames - 1) % temporal:
+        raise UserError(
+            f"generation.num_frames={gen.num_frames}: {family} needs {temporal}k+1 frames "
+            f"(e.g. {frame_examples})"
+        )
+    step = spatial * patch
+    for name, value in (("height", gen.height), ("width", gen.width)):
+        if value < step or value % step:
+            raise UserError(
+                f"generation.{name}={value}: {family} needs a multiple of {step} "
+                f"(VAE {spatial}x times patch {patch}){size_hint}"
+            )

@@ -21,7 +21,12 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
-from datagen.models.base import generate_frames, offline_hint, resolve_device
+from datagen.models.base import (
+    check_video_size,
+    generate_frames,
+    offline_hint,
+    resolve_device,
+)
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
@@ -31,18 +36,14 @@ class CogVideoXFamily:
     name = "cogvideox"
 
     def check_generation(self, gen: GenerationConfig) -> None:
-        if (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
-            raise UserError(
-                f"generation.num_frames={gen.num_frames}: CogVideoX needs 4k+1 frames "
-                "(e.g. 9, 17, 49)"
-            )
-        step = SPATIAL_COMPRESSION * 2
-        for name, value in (("height", gen.height), ("width", gen.width)):
-            if value % step:
-                raise UserError(
-                    f"generation.{name}={value}: CogVideoX needs a multiple of {step} "
-                    "(VAE 8x times patch 2)"
-                )
+        check_video_size(
+            gen,
+            "CogVideoX",
+            temporal=TEMPORAL_COMPRESSION,
+            spatial=SPATIAL_COMPRESSION,
+            patch=2,
+            frame_examples="9, 17, 49",
+        )
 
     def load_pipeline(self, cfg: ModelConfig) -> Any:
         from diffusers import CogVideoXPipeline

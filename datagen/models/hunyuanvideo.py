@@ -45,7 +45,12 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
-from datagen.models.base import generate_frames, offline_hint, resolve_device
+from datagen.models.base import (
+    check_video_size,
+    generate_frames,
+    offline_hint,
+    resolve_device,
+)
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
@@ -383,18 +388,14 @@ class HunyuanVideoFamily:
     name = "hunyuanvideo"
 
     def check_generation(self, gen: GenerationConfig) -> None:
-        if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
-            raise UserError(
-                f"generation.num_frames={gen.num_frames}: HunyuanVideo needs 4k+1 frames "
-                "(e.g. 9, 33, 129)"
-            )
-        step = SPATIAL_COMPRESSION * PATCH
-        for name, value in (("height", gen.height), ("width", gen.width)):
-            if value <= 0 or value % step:
-                raise UserError(
-                    f"generation.{name}={value}: HunyuanVideo needs a multiple of {step} "
-                    "(VAE 8x times patch 2)"
-                )
+        check_video_size(
+            gen,
+            "HunyuanVideo",
+            temporal=TEMPORAL_COMPRESSION,
+            spatial=SPATIAL_COMPRESSION,
+            patch=PATCH,
+            frame_examples="9, 33, 129",
+        )
 
     def load_pipeline(self, cfg: ModelConfig) -> Any:
         from diffusers import HunyuanVideoPipeline

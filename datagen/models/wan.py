@@ -35,7 +35,12 @@ from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
-from datagen.models.base import generate_frames, offline_hint, resolve_device
+from datagen.models.base import (
+    check_video_size,
+    generate_frames,
+    offline_hint,
+    resolve_device,
+)
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
@@ -48,22 +53,17 @@ class WanFamily:
     name = "wan"
 
     def check_generation(self, gen: GenerationConfig) -> None:
-        """Reject sizes Wan cannot take before any model loads.
-
-        WanPipeline would silently round them (frames to 4k+1, sides down to a multiple of
-        16), so the video would not have the size the config and the layout record.
-        """
-        if gen.num_frames < 1 or (gen.num_frames - 1) % TEMPORAL_COMPRESSION:
-            raise UserError(
-                f"generation.num_frames={gen.num_frames}: Wan needs 4k+1 frames (e.g. 9, 33, 81)"
-            )
-        step = SPATIAL_COMPRESSION * PATCH_SIZE[1]
-        for name, value in (("height", gen.height), ("width", gen.width)):
-            if value < step or value % step:
-                raise UserError(
-                    f"generation.{name}={value}: Wan needs a multiple of {step} "
-                    "(VAE 8x times patch 2), e.g. 480x832"
-                )
+        """Refuse sizes WanPipeline would silently round (frames to 4k+1, sides down to a
+        multiple of 16): the video would not have the size the config and layout record."""
+        check_video_size(
+            gen,
+            "Wan",
+            temporal=TEMPORAL_COMPRESSION,
+            spatial=SPATIAL_COMPRESSION,
+            patch=PATCH_SIZE[1],
+            frame_examples="9, 33, 81",
+            size_hint=", e.g. 480x832",
+        )
 
     def load_pipeline(self, cfg: ModelConfig) -> Any:
         """Load ``WanPipeline`` from a hub id or a local diffusers folder.
