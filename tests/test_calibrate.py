@@ -60,19 +60,21 @@ def test_lk_metrics_and_qc_gain(lk_report):
     assert r["kept"]["delta_avg"] >= r["all"]["delta_avg"] + 15.0
     assert r["kept"]["average_jaccard"] > r["all"]["average_jaccard"]
     assert r["kept"]["occlusion_accuracy"] > r["all"]["occlusion_accuracy"]
-    # regression floor for all tracks, measured 46.1 on seeds 0..3 (see the xfail below)
+    # regression floor for all tracks, measured 46.1 on seeds 0..3 (plain LK drops lost points;
+    # lk_recover below follows them)
     assert r["all"]["delta_avg"] >= 40.0, r["all"]["delta_avg"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: default LK reaches delta_avg ~46 over ALL tracks on the default synthetic "
-    "set; most tracks are lost for good while their 15 px window straddles an object boundary, "
-    "and translation-only LK drifts ~0.08 px/frame on rotating/scaling sprites (see "
-    "datagen/calibrate.py). Only the QC-kept tracks reach 70.",
-)
-def test_lk_all_tracks_reach_70(lk_report):
-    assert lk_report["all"]["delta_avg"] >= 70.0
+def test_lk_recover_reaches_70_on_all_tracks_and_qc_still_helps():
+    """The issue's bar: LK (following and re-acquiring lost points) reaches delta_avg >= 70
+    over ALL tracks of the default synthetic set; QC-kept tracks score higher still.
+    Measured on seeds 0..3: 73.7 all / 86.5 kept (AJ 56.1 / 75.1, OA 74.5 / 93.5)."""
+    r = calibrate("lk_recover", num_videos=NUM_VIDEOS, seed=0)
+    assert r["tracker"] == "lk_recover" and r["settings"]["recover"] is True
+    assert r["all"]["delta_avg"] >= 70.0, r["all"]
+    assert r["kept"]["delta_avg"] > r["all"]["delta_avg"] + 5.0
+    assert r["kept"]["average_jaccard"] > r["all"]["average_jaccard"]
+    assert r["kept"]["occlusion_accuracy"] > r["all"]["occlusion_accuracy"]
 
 
 def test_format_report(lk_report):

@@ -145,6 +145,19 @@ def _make_lk(**settings: Any) -> Tracker:
     return LKTracker(**settings)
 
 
+LK_RECOVER_DEFAULTS = {"win_size": 5, "recover": True, "fallback_neighbours": 3}
+"""The ``lk_recover`` tracker: LK that follows lost points and re-acquires them (see
+datagen.track.lk, "Recovery"); these settings scored best on the calibration set."""
+
+
+def _make_lk_recover(**settings: Any) -> Tracker:
+    from datagen.track.lk import LKTracker
+
+    tracker = LKTracker(**{**LK_RECOVER_DEFAULTS, **settings})
+    tracker.name = "lk_recover"
+    return tracker
+
+
 def _make_dis(**settings: Any) -> Tracker:
     from datagen.track.lk import DISTracker
 
@@ -167,6 +180,7 @@ def _cotracker_factory(variant: str) -> Callable[..., Tracker]:
 # that imports the adapter module lazily), or call register_tracker from the adapter's module.
 TRACKER_FACTORIES: dict[str, Callable[..., Tracker]] = {
     "lk": _make_lk,
+    "lk_recover": _make_lk_recover,
     "dis": _make_dis,
     "cotracker3_offline": _cotracker_factory("cotracker3_offline"),
     "cotracker3_online": _cotracker_factory("cotracker3_online"),
