@@ -50,6 +50,7 @@ from datagen.software import software_versions
 from datagen.sources.base import Produced, Source
 from datagen.sources.procedural import SyntheticSource, synthetic_config, synthetic_prompts
 from datagen.sources.text_to_video import TextToVideoSource, capture_spec
+from datagen.sources.videos import VideoFilesSource, video_prompts
 from datagen.track.base import TrackResult, make_tracker
 from datagen.track.qc import QCConfig, run_qc
 from datagen.track.queries import grid_queries
@@ -137,17 +138,38 @@ def prepare_build(
     """Every check that needs no model: prompts, config, tracker, output folder, plan."""
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
-    if cfg.source.kind == "synthetic":
-        synthetic_config(cfg.source.synthetic)  # refuse bad scene settings now
-        if prompts_path is not None:
-            raise UserError("--source synthetic takes no --prompts; its videos are procedural")
+    kind = cfg.source.kind
+    if kind not in SOURCE_KINDS:
+        raise UserError(
+            f"source.kind '{kind}' is unknown; choose one of: {', '.join(SOURCE_KINDS)}"
+        )
+    capturing = capture_spec(cfg).enabled
+    if kind in ("synthetic", "videos") and prompts_path is not None:
+        raise UserError(f"--source {kind} takes no --prompts; drop --prompts")
+    if kind == "synthetic":
+        scene = synthetic_config(cfg.source.synthetic)  # refuse bad scene settings now
+        g = cfg.generation
+        if capturing and (scene.num_frames, scene.height, scene.width) != (
+            g.num_frames,
+            g.height,
+            g.width,
+        ):
+            raise UserError(
+                f"source.synthetic size {scene.num_frames}x{scene.height}x{scene.width} "
+                f"differs from the model's generation size {g.num_frames}x{g.height}x{g.width}; "
+                "the feature pass needs the model's size: set source.synthetic.num_frames/"
+                "height/width to match, or switch capture off (capture.corr_layers=[] "
+                "capture.feature_layers=[])"
+            )
         prompts = synthetic_prompts(cfg.source.num_videos)
+    elif kind == "videos":
+        prompts = video_prompts(cfg.source.videos_dir)
     else:
         if prompts_path is None:
             raise UserError("--prompts is required for --source text-to-video")
-        family = get_family(cfg.model.family)
-        family.check_generation(cfg.generation)
         prompts = load_prompts(prompts_path)
+    if kind != "synthetic" or capturing:
+        get_family(cfg.model.family).check_generation(cfg.generation, cfg.model)
     try:
         make_tracker(cfg.tracker.name, **cfg.tracker.settings)
     except (ValueError, TypeError) as exc:
@@ -208,19 +230,28 @@ def sample_metadata(
     }
 
 
+SOURCE_KINDS = ("text-to-video", "synthetic", "videos")
+
+
 def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
     """Member extensions per shard kind that every sample of this build carries."""
+    spec = capture_spec(cfg)
     if cfg.source.kind == "synthetic":
-        out = members_for(False, False)
+        out = members_for(bool(spec.corr_layers), bool(spec.feature_layers))
         out["core"] = sorted(out["core"] + ["masks.npy", "object_ids.npy"])
         return out
-    spec = capture_spec(cfg)
     return members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
 
 
 def make_source(cfg: BuildConfig, query_points: np.ndarray) -> Source:
-    if cfg.source.kind == "synthetic":
-        return SyntheticSource(cfg.source.synthetic)
+    spec = capture_spec(cfg)
+    if cfg.source.kind in ("synthetic", "videos"):
+        from datagen.sources.features import FeaturePass
+
+        features = FeaturePass(cfg, spec) if spec.enabled else None
+        if cfg.source.kind == "synthetic":
+            return SyntheticSource(cfg.source.synthetic, features)
+        return VideoFilesSource(cfg, features, query_points)
     return TextToVideoSource(cfg, query_points)
 
 
@@ -337,11 +368,11 @@ class ShardWorker:
         features: dict[str, dict[str, bytes]] = {}
         verdicts: dict[str, dict[str, Any]] = {}
         rejected: list[Rejected] = []
-        bs = cfg.generation.batch_size
-        if isinstance(self.source, TextToVideoSource):
-            t0 = time.perf_counter()
-            _ = self.source.pipe  # load once, timed apart from generation
-            timings["load"] += time.perf_counter() - t0
+        # Existing videos go one at a time, so one bad file fails alone.
+        bs = cfg.generation.batch_size if self.source.kind == "text-to-video" else 1
+        t0 = time.perf_counter()
+        _ = getattr(self.source, "pipe", None)  # load once, timed apart from generation
+        timings["load"] += time.perf_counter() - t0
         for start in range(0, len(task.units), bs):
             batch = task.units[start : start + bs]
             t0 = time.perf_counter()
@@ -350,7 +381,8 @@ class ShardWorker:
             except Exception as exc:  # a failed batch is recorded, the shard goes on
                 log.warning("generation failed for %s: %s", [u.key for u in batch], exc)
                 for u in batch:
-                    rejected.append(Rejected(u.key, task.index, "generate", _reason(exc)))
+                    stage = "generate" if self.source.kind == "text-to-video" else "read"
+                    rejected.append(Rejected(u.key, task.index, stage, _reason(exc)))
                 if on_sample:
                     on_sample(len(batch))
                 continue

@@ -39,10 +39,22 @@ def _quiet_libraries() -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from datagen.build import prepare_build, run_build
     from datagen.config import resolve_config
+    from datagen.sources.text_to_video import capture_spec
 
     overrides = list(args.set)
     if args.source:
-        overrides.insert(0, f"source.kind={args.source}")
+        kind, *rest = args.source
+        choices = ("text-to-video", "synthetic", "videos")
+        if kind not in choices:
+            raise UserError(f"--source {kind}: choose one of {', '.join(choices)}")
+        if (kind == "videos") != bool(rest) or len(rest) > 1:
+            raise UserError(
+                "--source takes a folder only for videos: --source videos DIR, "
+                "--source synthetic, --source text-to-video"
+            )
+        overrides.insert(0, f"source.kind={kind}")
+        if rest:
+            overrides.insert(1, f"source.videos_dir={rest[0]}")
     cfg = resolve_config(args.preset, args.config, overrides)
     req = prepare_build(cfg, args.prompts, args.out, args.limit)
     plan = req.plan
@@ -50,6 +62,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     cap = cfg.capture
     if cfg.source.kind == "synthetic":
         what = f"{plan.num_samples} synthetic videos with exact tracks"
+    elif cfg.source.kind == "videos":
+        what = f"{plan.num_samples} videos from {cfg.source.videos_dir}"
     else:
         what = (
             f"{plan.num_samples} samples from {len(req.prompts)} prompts "
@@ -64,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         f" + {_human(plan.feature_bytes_per_sample)} of q/k features "
         f"({len(cap.feature_layers)} layers x {len(cap.feature_steps)} steps; correspondence "
         f"for {len(cap.corr_layers)} layers x {len(cap.corr_steps)} steps)"
-        if cfg.source.kind == "text-to-video"
+        if capture_spec(cfg).enabled
         else ""
     )
     print(
@@ -152,6 +166,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyse(args: argparse.Namespace) -> int:
+    import json
+
+    from datagen.analysis.matching import analyse_dataset
+
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    try:
+        table = analyse_dataset(args.dataset, kept_only=not args.all_tracks)
+    except ValueError as exc:
+        raise UserError(f"{exc} (build with capture.corr_layers and capture.corr_steps)") from None
+    which = "all tracks" if args.all_tracks else "tracks kept by quality control"
+    print(f"matching accuracy of attention (argmax, frame 0 -> f) against {which}:")
+    print(table.markdown())
+    if args.json is not None:
+        args.json.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+        print(f"report: {args.json}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from datagen.export import export_dataset
 
@@ -185,11 +219,17 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     b.add_argument(
         "--source",
-        choices=["text-to-video", "synthetic"],
-        help="text-to-video (default: the model, from --prompts) or synthetic "
-        "(procedural videos with exact tracks)",
+        nargs="+",
+        metavar="KIND",
+        help="text-to-video (default: the model, from --prompts), synthetic (procedural "
+        "videos with exact tracks) or 'videos DIR' (existing video files); with capture on, "
+        "synthetic and video files get q/k from one forward at noised latents",
     )
-    b.add_argument("--preset", default="tiny", help="tiny (default), cogvideox-2b, cogvideox-5b")
+    b.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny (default: the trained tiny DiT), tiny-random, cogvideox-2b, cogvideox-5b",
+    )
     b.add_argument("--config", type=Path, help="TOML or JSON file overriding the preset")
     b.add_argument(
         "--set",
@@ -230,6 +270,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", type=Path, help="also write the full report as JSON")
     c.set_defaults(func=cmd_calibrate)
+
+    a = sub.add_parser(
+        "analyse", help="matching accuracy of each captured layer x step against the tracks"
+    )
+    a.add_argument("dataset", type=Path)
+    a.add_argument("--all-tracks", action="store_true", help="not only the QC-kept tracks")
+    a.add_argument("--json", type=Path, help="also write the table as JSON")
+    a.set_defaults(func=cmd_analyse)
 
     e = sub.add_parser("export", help="write a dataset as plain files: one folder per key")
     e.add_argument("dataset", help="dataset folder, manifest, shard glob or URL")

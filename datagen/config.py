@@ -20,6 +20,9 @@ from typing import Any
 from datagen.errors import UserError
 
 TINY_MODEL_ID = "datagen/tiny-random-cogvideox"
+"""The random-weight tiny CogVideoX, built from configs (fast tests, ``--preset tiny-random``)."""
+TRAINED_TINY_ID = "datagen/tiny-cogvideox"
+"""The trained tiny DiT shipped with the package (``--preset tiny``, the default)."""
 
 
 @dataclass
@@ -110,14 +113,20 @@ class CaptureConfig:
 
 @dataclass
 class SourceConfig:
-    """Where videos come from: 'text-to-video' (the model, from the prompt bank) or
-    'synthetic' (procedural videos with exact tracks; no prompts needed)."""
+    """Where videos come from: 'text-to-video' (the model, from the prompt bank),
+    'synthetic' (procedural videos with exact tracks; no prompts needed) or 'videos'
+    (existing video files in ``videos_dir``). For 'synthetic' and 'videos', an enabled
+    capture runs one forward pass of the model on each video's latents noised to the capture
+    steps (the zero-shot protocol), so those videos get q/k and correspondence too."""
 
     kind: str = "text-to-video"
     num_videos: int = 128
     """Videos of a synthetic build (text-to-video builds take the prompt bank)."""
     synthetic: dict[str, Any] = field(default_factory=dict)
     """SyntheticConfig fields, e.g. {"num_frames": 24, "height": 96, "width": 128}."""
+    videos_dir: str = ""
+    """Folder of video files for kind 'videos' (a same-named .txt beside a video is its
+    prompt for the feature pass)."""
 
 
 @dataclass
@@ -179,8 +188,35 @@ def _paper_generation(**kw: Any) -> GenerationConfig:
     return GenerationConfig(**base)
 
 
+def _tiny_trained() -> BuildConfig:
+    # The shipped trained DiT: 8 frames of 32x32 pixels, 6 layers; its two last layers are
+    # captured at the last two of 8 DDIM steps. The synthetic source defaults to the
+    # distribution it was trained on (its held-out seeds are the evaluation set).
+    from datagen.models.tiny_dit import train_video_settings
+
+    return BuildConfig(
+        preset="tiny",
+        source=SourceConfig(synthetic=train_video_settings()),
+        model=ModelConfig(model_id=TRAINED_TINY_ID),
+        generation=GenerationConfig(
+            num_frames=8,
+            height=32,
+            width=32,
+            num_inference_steps=8,
+            guidance_scale=3.0,
+            batch_size=16,
+            max_sequence_length=32,
+        ),
+        tracker=TrackerConfig(name="lk_recover", grid_size=8),
+        capture=CaptureConfig(
+            feature_layers=[4, 5], feature_steps=[6, 7], corr_layers=[4, 5], corr_steps=[6, 7]
+        ),
+    )
+
+
 PRESETS: dict[str, BuildConfig] = {
-    "tiny": BuildConfig(preset="tiny"),
+    "tiny": _tiny_trained(),
+    "tiny-random": BuildConfig(preset="tiny-random"),
     "cogvideox-2b": BuildConfig(
         preset="cogvideox-2b",
         model=ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
@@ -377,9 +413,9 @@ def check_config(cfg: BuildConfig) -> None:
         QCConfig(**dataclasses.asdict(cfg.qc))
     except ValueError as exc:
         raise UserError(f"qc: {exc} (--set qc.FIELD=VALUE)") from None
-    if cfg.source.kind not in ("text-to-video", "synthetic"):
+    if cfg.source.kind not in ("text-to-video", "synthetic", "videos"):
         raise UserError(
-            f"source '{cfg.source.kind}' is not one of text-to-video, synthetic (--source)"
+            f"source '{cfg.source.kind}' is not one of text-to-video, synthetic, videos (--source)"
         )
     if cfg.source.num_videos <= 0:
         raise UserError(f"source.num_videos must be positive, got {cfg.source.num_videos}")

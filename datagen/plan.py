@@ -56,13 +56,16 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     if cfg.source.kind == "synthetic":
         s = cfg.source.synthetic
         frames, h, w = s.get("num_frames", 24), s.get("height", 96), s.get("width", 128)
-        points = 4 * s.get("points_per_sprite", 48) + s.get("background_points", 96)
+        points = s.get("num_sprites", 4) * s.get("points_per_sprite", 48) + s.get(
+            "background_points", 96
+        )
         masks = frames * h * w // 8  # int16 masks of a few objects compress poorly in npy
         return (
             int(frames * h * w * 2 ** (-(cfg.video.crf - 12) / 6))
             + points * frames * 17
             + 2 * masks
             + 16384
+            + estimate_capture_bytes(cfg)[0]
         )
     # Measured on the tiny preset's noisy output: about 1 byte per pixel at crf 12; x264 halves
     # the size for every +6 of crf. Smooth real-model video is smaller, so this errs high.
@@ -73,25 +76,37 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     return video + labels + 4096 + tar_overhead + estimate_capture_bytes(cfg)[0]
 
 
-def _token_grid(cfg: BuildConfig) -> tuple[int, int, int]:
-    """Token grid of the CogVideoX layout (VAE 4x/8x, patch 2) from the config alone."""
-    g = cfg.generation
-    return ((g.num_frames - 1) // 4 + 1, g.height // 16, g.width // 16)
-
-
 def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tuple[int, int]:
     """(correspondence bytes in the core sample, q/k feature bytes) of one video.
 
-    ``heads_dim`` is heads x head_dim of the model (known after loading); before loading,
-    the preset's model is assumed (CogVideoX-2B 30x64, 5B 48x64, tiny 2x16).
+    The token grid and attention width come from the model family's geometry (read from a
+    local model folder's configs when there is one); ``heads_dim`` overrides the width.
     """
-    cap = cfg.capture
-    if cfg.source.kind == "synthetic":
+    from datagen.models import get_family
+    from datagen.sources.text_to_video import capture_spec
+
+    cap = capture_spec(cfg)
+    if not cap.enabled:
         return 0, 0
-    if heads_dim is None:
-        heads_dim = {"cogvideox-5b": 48 * 64, "cogvideox-2b": 30 * 64}.get(cfg.preset, 2 * 16)
-    f, h, w = _token_grid(cfg)
-    n = cfg.tracker.grid_size**2
+    g = cfg.generation
+    family = get_family(cfg.model.family)
+    geometry = getattr(family, "geometry", None)
+    if geometry is not None:
+        geo = geometry(cfg.model)
+        temporal, spatial, patch, patch_t = geo.temporal, geo.spatial, geo.patch, geo.patch_t
+        heads_dim = heads_dim or geo.heads_dim
+    else:  # families without a geometry: the common 4x / 8x VAE and patch 2
+        temporal, spatial, patch, patch_t = 4, 8, 2, 1
+        heads_dim = heads_dim or 30 * 64
+    latent_f = (g.num_frames - 1) // temporal + 1
+    f = -(-latent_f // patch_t)
+    h, w = g.height // (spatial * patch), g.width // (spatial * patch)
+    if cfg.source.kind == "synthetic":
+        n = int(cfg.source.synthetic.get("points_per_sprite", 48)) * int(
+            cfg.source.synthetic.get("num_sprites", 4)
+        ) + int(cfg.source.synthetic.get("background_points", 96))
+    else:
+        n = cfg.tracker.grid_size**2
     pairs = len(cap.corr_layers) * len(cap.corr_steps)
     # per (layer, step): forward match/prob/confidence/mass (N x F x 5 x 4 B), soft (N x F x 8),
     # reverse matches (F x h x w x 4 B), three masses (N x 12 B)

@@ -26,7 +26,7 @@ SETTINGS = ["shards.max_samples=2", "generation.batch_size=2"]
 
 
 def _build(prompts, out, extra=()):
-    cfg = resolve_config("tiny", None, SETTINGS + list(extra))
+    cfg = resolve_config("tiny-random", None, SETTINGS + list(extra))
     return run_build(prepare_build(cfg, prompts, out), progress=False)
 
 
@@ -58,7 +58,7 @@ def test_manifest_counts_and_members(built):
     core = [s for s in m["shards"] if s["kind"] == "core"]
     assert m["totals"]["samples"] == a.samples == sum(s["samples"] for s in core)
     assert m["totals"]["bytes"] == sum(s["bytes"] for s in m["shards"])
-    assert m["config_fingerprint"] == resolve_config("tiny", None, SETTINGS).fingerprint()
+    assert m["config_fingerprint"] == resolve_config("tiny-random", None, SETTINGS).fingerprint()
     for key, members in iter_tar_samples(root / "a" / "core-000000.tar"):
         assert sorted(members) == sorted(CORE_MEMBERS + (CORR_MEMBER, QC_MEMBER))
         assert "." not in key
@@ -95,7 +95,7 @@ def test_validate_passes_on_a_fresh_build(built):
 
 def test_loader_yields_frames_of_configured_size_and_labels(built):
     root, *_ = built
-    cfg = resolve_config("tiny")
+    cfg = resolve_config("tiny-random")
     samples = list(open_dataset(root / "a"))
     assert len(samples) == 5
     g = cfg.generation

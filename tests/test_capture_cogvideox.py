@@ -26,7 +26,7 @@ class KeepAll(Recorder):
 
 
 def _gen(num_frames=9):
-    cfg = resolve_config("tiny", None, [f"generation.num_frames={num_frames}"])
+    cfg = resolve_config("tiny-random", None, [f"generation.num_frames={num_frames}"])
     return cfg.generation
 
 

@@ -27,7 +27,8 @@ def bank(tmp_path):
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--preset", "huge"],
-            "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, tiny (--preset)",
+            "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, tiny, tiny-random "
+            "(--preset)",
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{bank}/sub"],
@@ -40,10 +41,16 @@ def bank(tmp_path):
                 "{bank}",
                 "--out",
                 "{tmp}/out",
+                "--preset",
+                "tiny-random",
                 "--set",
                 "generation.num_frames=10",
             ],
             "generation.num_frames=10: CogVideoX needs 4k+1 frames (e.g. 9, 17, 49)",
+        ),
+        (
+            ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--set", "generation.height=30"],
+            "generation.height=30: CogVideoX needs a multiple of 4 (VAE 1x times patch 4)",
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--set", "tracker.name=magic"],
@@ -149,8 +156,9 @@ def test_build_larger_than_free_disk_is_refused_with_the_figure(run_cli, tmp_pat
 def test_dry_run_sizes_follow_the_capture_choice(run_cli, tmp_path):
     def sizes(*extra):
         code, out, _ = run_cli(
-            "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run", *extra
-        )
+            "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run",
+            "--preset", "tiny-random", *extra,
+        )  # fmt: skip
         assert code == 0
         line = next(x for x in out.splitlines() if x.startswith("size:"))
         return line

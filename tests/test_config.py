@@ -24,14 +24,14 @@ def test_file_then_set_overrides_and_fingerprint_changes(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[generation]\nseed = 7\nnum_frames = 17\n[tracker]\ngrid_size = 5\n")
     base = resolve_config()
-    c = resolve_config("tiny", f, ["generation.seed=9", 'tracker.settings={"win_size": 9}'])
+    c = resolve_config("tiny-random", f, ["generation.seed=9", 'tracker.settings={"win_size": 9}'])
     assert (c.generation.seed, c.generation.num_frames, c.tracker.grid_size) == (9, 17, 5)
     assert c.tracker.settings == {"win_size": 9}
     assert c.fingerprint() != base.fingerprint()
     assert resolve_config().fingerprint() == base.fingerprint()
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"preset": "cogvideox-2b", "shards": {"max_samples": 3}}))
-    c2 = resolve_config("tiny", j)
+    c2 = resolve_config("tiny-random", j)
     assert c2.preset == "cogvideox-2b" and c2.shards.max_samples == 3
 
 
@@ -49,19 +49,19 @@ def test_file_then_set_overrides_and_fingerprint_changes(tmp_path):
 )
 def test_bad_overrides_are_named(overrides, message):
     with pytest.raises(UserError, match=message):
-        resolve_config("tiny", None, overrides)
+        resolve_config("tiny-random", None, overrides)
 
 
 def test_bad_config_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        resolve_config("tiny", tmp_path / "none.toml")
+        resolve_config("tiny-random", tmp_path / "none.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[generation\n")
     with pytest.raises(UserError, match="not valid TOML"):
-        resolve_config("tiny", bad)
+        resolve_config("tiny-random", bad)
     y = tmp_path / "c.yaml"
     y.write_text("a: 1")
     with pytest.raises(UserError, match="unknown format"):
-        resolve_config("tiny", y)
+        resolve_config("tiny-random", y)
     with pytest.raises(UserError, match="unknown preset 'nope'"):
         resolve_config("nope")

@@ -59,7 +59,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     prompts = root / "bank.txt"
     prompts.write_text(PROMPTS + "\n")
-    cfg = resolve_config("tiny", None, SETTINGS)
+    cfg = resolve_config("tiny-random", None, SETTINGS)
     run_build(prepare_build(cfg, prompts, root / "d"), progress=False)
     return root / "d"
 

@@ -12,7 +12,14 @@ from datagen.validate import validate_dataset
 
 def test_synthetic_build_stores_exact_ground_truth(tmp_path, run_cli):
     cfg = resolve_config(
-        "tiny", None, ["source.kind=synthetic", 'source.synthetic={"num_frames": 12}']
+        "tiny-random",
+        None,
+        [
+            "source.kind=synthetic",
+            'source.synthetic={"num_frames": 12}',
+            "capture.corr_layers=[]",
+            "capture.feature_layers=[]",
+        ],
     )
     summary = run_build(prepare_build(cfg, None, tmp_path / "syn", limit=3), progress=False)
     assert summary.samples == 3 and summary.rejected == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,6 +15,22 @@ from datagen.capture.recorder import Recorder
 from datagen.config import GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a model does to a video's shape, known before its weights load."""
+
+    temporal: int
+    """VAE temporal compression."""
+    spatial: int
+    """VAE spatial compression."""
+    patch: int
+    """Transformer spatial patch."""
+    patch_t: int
+    """Transformer temporal patch (1: none)."""
+    heads_dim: int
+    """Attention heads x head dimension (q/k bytes per token / 2)."""
 
 
 class ModelFamily(Protocol):

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from datagen.capture.recorder import Recorder
-from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
+from datagen.config import TINY_MODEL_ID, TRAINED_TINY_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
 from datagen.models.base import (
+    Geometry,
     check_video_size,
     generate_frames,
     offline_hint,
@@ -32,21 +33,77 @@ TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
 
 
+def _local_folder(model_id: str) -> Path | None:
+    """The folder a model id names on this machine: the shipped trained tiny model, or an
+    existing local directory; None for hub ids."""
+    if model_id == TRAINED_TINY_ID:
+        from datagen.models.tiny_dit import SHIPPED_DIR
+
+        return SHIPPED_DIR
+    path = Path(model_id).expanduser()
+    return path if path.is_dir() else None
+
+
+# heads x head dim of the public checkpoints, for size estimates before loading.
+_KNOWN_HEADS_DIM = {
+    "THUDM/CogVideoX-2b": 30 * 64,
+    "THUDM/CogVideoX-5b": 48 * 64,
+    "THUDM/CogVideoX1.5-5B": 48 * 64,
+}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class CogVideoXFamily:
     name = "cogvideox"
 
-    def check_generation(self, gen: GenerationConfig) -> None:
+    def geometry(self, cfg: ModelConfig | None = None) -> Geometry:
+        """Compressions, patches and attention width of ``cfg``'s model, read from the local
+        folder's configs when there is one (the shipped trained tiny model works on pixels
+        with patch 4), else the public CogVideoX layout."""
+        model_id = cfg.model_id if cfg is not None else TINY_MODEL_ID
+        if model_id == TINY_MODEL_ID:
+            return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, 2, 1, 2 * 16)
+        folder = _local_folder(model_id)
+        if folder is not None:
+            t = _read_json(folder / "transformer" / "config.json")
+            v = _read_json(folder / "vae" / "config.json")
+            if t and v:
+                return Geometry(
+                    int(v.get("temporal_compression_ratio", TEMPORAL_COMPRESSION)),
+                    2 ** (len(v.get("block_out_channels", [0] * 4)) - 1),
+                    int(t.get("patch_size", 2)),
+                    int(t.get("patch_size_t") or 1),
+                    int(t.get("num_attention_heads", 30)) * int(t.get("attention_head_dim", 64)),
+                )
+        patch_t = 2 if "1.5" in model_id else 1
+        heads_dim = _KNOWN_HEADS_DIM.get(model_id, 30 * 64)
+        return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, 2, patch_t, heads_dim)
+
+    def check_generation(self, gen: GenerationConfig, model: ModelConfig | None = None) -> None:
+        geo = self.geometry(model)
         check_video_size(
             gen,
             "CogVideoX",
-            temporal=TEMPORAL_COMPRESSION,
-            spatial=SPATIAL_COMPRESSION,
-            patch=2,
-            frame_examples="9, 17, 49",
+            temporal=geo.temporal,
+            spatial=geo.spatial,
+            patch=geo.patch,
+            frame_examples="9, 17, 49" if geo.temporal == 4 else "8, 16",
         )
 
     def load_pipeline(self, cfg: ModelConfig) -> Any:
         from diffusers import CogVideoXPipeline
+
+        # The shipped trained tiny model's folder names this module for its pixel-space VAE;
+        # diffusers loads only from modules already imported.
+        import datagen.models.pixel_vae  # noqa: F401
 
         dtype = getattr(torch, cfg.dtype)
         device = resolve_device(cfg.device)
@@ -59,10 +116,10 @@ class CogVideoXFamily:
                 folder = save_tiny_pipeline(Path(tmp) / "pipe")
                 pipe = CogVideoXPipeline.from_pretrained(str(folder), dtype=dtype)
         else:
+            folder = _local_folder(cfg.model_id)
+            source = str(folder) if folder is not None else cfg.model_id
             with offline_hint(cfg.model_id, "/path/to/CogVideoX"):
-                pipe = CogVideoXPipeline.from_pretrained(
-                    cfg.model_id, revision=cfg.revision, dtype=dtype
-                )
+                pipe = CogVideoXPipeline.from_pretrained(source, revision=cfg.revision, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -95,17 +152,7 @@ class CogVideoXFamily:
         the conditional rows are the second half. Returns a function that undoes it all.
         """
         transformer = pipe.transformer
-        blocks = transformer.transformer_blocks
-        bad = [i for i in recorder.spec.layers if not 0 <= i < len(blocks)]
-        if bad:
-            raise UserError(
-                f"capture layers {bad} do not exist: the transformer has {len(blocks)} layers "
-                f"(0..{len(blocks) - 1}); fix capture.*_layers"
-            )
-        originals = {}
-        for i in recorder.spec.layers:
-            originals[i] = blocks[i].attn1.processor
-            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(recorder, i))
+        restore = self.install_processors(pipe, recorder)
         calls = {"n": 0}
 
         def before_forward(module, args, kwargs):
@@ -121,10 +168,71 @@ class CogVideoXFamily:
 
         def remove() -> None:
             handle.remove()
+            restore()
+
+        return remove
+
+    def install_processors(self, pipe: Any, recorder: Recorder) -> Callable[[], None]:
+        """Capture processors on the recorder's layers (no step counting); returns the undo."""
+        blocks = pipe.transformer.transformer_blocks
+        bad = [i for i in recorder.spec.layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise UserError(
+                f"capture layers {bad} do not exist: the transformer has {len(blocks)} layers "
+                f"(0..{len(blocks) - 1}); fix capture.*_layers"
+            )
+        originals = {}
+        for i in recorder.spec.layers:
+            originals[i] = blocks[i].attn1.processor
+            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(recorder, i))
+
+        def restore() -> None:
             for i, proc in originals.items():
                 blocks[i].attn1.set_processor(proc)
 
-        return remove
+        return restore
+
+    def encode_video(self, pipe: Any, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> the latents the transformer denoises, (B, F', C, h, w):
+        the VAE posterior mode times the VAE scaling factor."""
+        vae = pipe.vae
+        x = torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 4, 1, 2, 3)
+        x = (x.float() / 127.5 - 1.0).to(device=vae.device, dtype=vae.dtype)
+        with torch.inference_mode():
+            z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        return z.permute(0, 2, 1, 3, 4).contiguous()
+
+    def encode_text(self, pipe: Any, prompts: list[str], gen: GenerationConfig) -> torch.Tensor:
+        with torch.inference_mode():
+            emb, _ = pipe.encode_prompt(
+                prompts,
+                do_classifier_free_guidance=False,
+                max_sequence_length=gen.max_sequence_length,
+                device=pipe.transformer.device,
+            )
+        return emb
+
+    def denoiser_forward(
+        self, pipe: Any, latents: torch.Tensor, text_emb: torch.Tensor, timestep: int
+    ) -> None:
+        """One transformer forward at ``timestep`` (its output is not needed: the capture
+        processors take what they record on the way)."""
+        transformer = pipe.transformer
+        rope = None
+        if transformer.config.use_rotary_positional_embeddings:
+            s = pipe.vae_scale_factor_spatial
+            rope = pipe._prepare_rotary_positional_embeddings(
+                latents.shape[3] * s, latents.shape[4] * s, latents.shape[1], latents.device
+            )
+        t = torch.full((latents.shape[0],), int(timestep), device=latents.device)
+        with torch.inference_mode():
+            transformer(
+                hidden_states=latents.to(transformer.dtype),
+                encoder_hidden_states=text_emb.to(transformer.dtype),
+                timestep=t,
+                image_rotary_emb=rope,
+                return_dict=False,
+            )
 
     def generate(
         self,
@@ -205,3 +313,55 @@ class CogVideoXCaptureProcessor:
             [text_len, hidden_states.size(1) - text_len], dim=1
         )
         return hidden_states, encoder_hidden_states
+
+
+class _QKCollector:
+    """The recorder interface of :class:`CogVideoXCaptureProcessor`, keeping float q/k of every
+    row (one forward, no CFG split): for analysis and training-time evaluation."""
+
+    def __init__(self, token_grid: tuple[int, int, int]):
+        self.token_grid = token_grid
+        self.cond = slice(None)
+        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def wants(self, layer: int) -> bool:
+        return True
+
+    def record(self, layer, q_video, k_video, k_text, **extra) -> None:
+        self.qk[layer] = (q_video.detach().float().clone(), k_video.detach().float().clone())
+
+
+def capture_qk(
+    transformer: Any,
+    latents: torch.Tensor,
+    text_emb: torch.Tensor,
+    timestep: torch.Tensor,
+    layers: list[int] | None = None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward of a CogVideoX transformer on ``latents`` (B, F, C, H, W); returns, per layer,
+    the video q and k (B, heads, F', h*w, d) exactly as its attention uses them."""
+    cfg = transformer.config
+    pt = int(cfg.patch_size_t or 1)
+    grid = (
+        latents.shape[1] // pt,
+        latents.shape[3] // int(cfg.patch_size),
+        latents.shape[4] // int(cfg.patch_size),
+    )
+    collector = _QKCollector(grid)
+    blocks = transformer.transformer_blocks
+    layers = list(range(len(blocks))) if layers is None else layers
+    originals = {i: blocks[i].attn1.processor for i in layers}
+    try:
+        for i in layers:
+            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(collector, i))
+        with torch.inference_mode():
+            transformer(
+                hidden_states=latents,
+                encoder_hidden_states=text_emb,
+                timestep=timestep,
+                return_dict=False,
+            )
+    finally:
+        for i, proc in originals.items():
+            blocks[i].attn1.set_processor(proc)
+    return collector.qk

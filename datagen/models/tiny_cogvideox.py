@@ -40,6 +40,23 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def tiny_text_encoder(vocab_size: int):
+    """The tiny random-weight T5 encoder (d_model 32), drawn from the current torch RNG."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
+    )
+
+
 def build_tiny_pipeline(
     height: int = 64,
     width: int = 96,
@@ -60,23 +77,12 @@ def build_tiny_pipeline(
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
 
     tokenizer = tiny_tokenizer()
     devnull_state = torch.random.get_rng_state()
     torch.manual_seed(WEIGHT_SEED)
     try:
-        text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-            )
-        )
+        text_encoder = tiny_text_encoder(len(tokenizer))
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,

@@ -54,13 +54,26 @@ def synthetic_prompts(num_videos: int) -> list[Prompt]:
 class SyntheticSource:
     kind = "synthetic"
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], features: Any | None = None):
         self.config = synthetic_config(settings)
+        self.features = features
+        """A :class:`datagen.sources.features.FeaturePass`, or None (no capture)."""
+
+    @property
+    def pipe(self) -> Any:
+        return self.features.pipe if self.features is not None else None
 
     def produce(self, units: tuple[WorkUnit, ...]) -> list[Produced]:
         out = []
         for u in units:
             video = render_synthetic_video(self.config, seed=u.seed)
+            capture = None
+            prompt = None
+            if self.features is not None:
+                from datagen.models.tiny_dit import caption
+
+                prompt = caption(self.config, u.seed)
+                capture = self.features.run(video.frames, prompt, u.seed, video.queries)
             out.append(
                 Produced(
                     frames=video.frames,
@@ -73,13 +86,20 @@ class SyntheticSource:
                         "masks.npy": npy_bytes(video.masks.astype(np.int16)),
                         "object_ids.npy": npy_bytes(video.object_ids.astype(np.int16)),
                     },
-                    meta={"kind": self.kind, "synthetic": _jsonable(video.meta)},
+                    meta={
+                        "kind": self.kind,
+                        "synthetic": _jsonable(video.meta),
+                        **({"caption": prompt} if prompt is not None else {}),
+                    },
+                    capture=capture,
                 )
             )
         return out
 
-    def layout_json(self) -> None:
-        return None
+    def layout_json(self) -> dict[str, Any] | None:
+        if self.features is None or self.features.layout is None:
+            return None
+        return self.features.layout.to_json()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -96,29 +96,35 @@ class TextToVideoSource:
     def capture_products(
         self, recorder: Recorder, b: int
     ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-        """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors."""
-        import safetensors.numpy
-        import safetensors.torch
+        return capture_products(self.spec, recorder, b)
 
-        arrays, layers, steps = recorder.stacked_correspondence(b)
-        corr = None
-        if self.spec.corr_layers:
-            corr = safetensors.numpy.save(
-                arrays,
-                # One key only: safetensors writes metadata maps in no fixed order.
-                metadata={"layers_steps": json.dumps({"layers": layers, "steps": steps})},
-            )
-        feats = None
-        if self.spec.feature_layers:
-            feats = safetensors.torch.save(recorder.features[b])
-        meta = {
-            "corr_layers": layers,
-            "corr_steps": steps,
-            "corr_arrays": {k: list(v.shape) for k, v in sorted(arrays.items())},
-            "feature_tensors": sorted(recorder.features[b]),
-            "step_timesteps": {str(k): v for k, v in sorted(recorder.step_timesteps.items())},
-            "query_tokens": "token of each query point in token frame 0, index row*w + col",
-            "cfg_branch": "conditional",
-            "dtype": "float16",
-        }
-        return meta, corr, feats
+
+def capture_products(
+    spec: CaptureSpec, recorder: Recorder, b: int
+) -> tuple[dict[str, Any], bytes | None, bytes | None]:
+    """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors."""
+    import safetensors.numpy
+    import safetensors.torch
+
+    arrays, layers, steps = recorder.stacked_correspondence(b)
+    corr = None
+    if spec.corr_layers:
+        corr = safetensors.numpy.save(
+            arrays,
+            # One key only: safetensors writes metadata maps in no fixed order.
+            metadata={"layers_steps": json.dumps({"layers": layers, "steps": steps})},
+        )
+    feats = None
+    if spec.feature_layers:
+        feats = safetensors.torch.save(recorder.features[b])
+    meta = {
+        "corr_layers": layers,
+        "corr_steps": steps,
+        "corr_arrays": {k: list(v.shape) for k, v in sorted(arrays.items())},
+        "feature_tensors": sorted(recorder.features[b]),
+        "step_timesteps": {str(k): v for k, v in sorted(recorder.step_timesteps.items())},
+        "query_tokens": "token of each query point in token frame 0, index row*w + col",
+        "cfg_branch": "conditional",
+        "dtype": "float16",
+    }
+    return meta, corr, feats

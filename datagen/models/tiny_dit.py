@@ -1,0 +1,256 @@
+"""The embedded trained model: a tiny CogVideoX-class DiT trained by ``scripts/train_tiny_dit.py``.
+
+Same diffusers classes as CogVideoX-2B (``CogVideoXTransformer3DModel`` with sin-cos position
+embedding, ``CogVideoXDDIMScheduler``, T5 text encoder, ``CogVideoXPipeline``), sized for a CPU:
+6 layers, 4 heads x 32 dims, patch 4, working directly on 8-frame 32x32 RGB videos through
+:class:`datagen.models.pixel_vae.PixelSpaceVAE` (8 x 8 x 8 = 512 video tokens, no latent
+compression). The text encoder is the tiny random-weight T5 of the random tiny model, frozen;
+the DiT learns to use its embeddings of captions that describe each training video (colours,
+shapes, directions), so prompts matter.
+
+The shipped weights live in ``datagen/models/weights/tiny-cogvideox`` as a diffusers pipeline
+folder (fp16 safetensors) and load with ``CogVideoXPipeline.from_pretrained`` like any checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datagen.config import TRAINED_TINY_ID  # noqa: F401  (re-exported)
+from datagen.sources.synthetic import SyntheticConfig, build_scene
+
+SHIPPED_DIR = Path(__file__).parent / "weights" / "tiny-cogvideox"
+
+FRAMES, HEIGHT, WIDTH, PATCH = 8, 32, 32, 4
+MAX_TEXT_LEN = 32
+
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=3,
+    out_channels=3,
+    time_embed_dim=128,
+    text_embed_dim=32,
+    num_layers=6,
+    sample_width=WIDTH,
+    sample_height=HEIGHT,
+    sample_frames=FRAMES,
+    patch_size=PATCH,
+    temporal_compression_ratio=1,
+    max_text_seq_length=MAX_TEXT_LEN,
+)
+
+# Cosine (squaredcos_cap_v2) DDPM betas, v-prediction, no SNR shift (CogVideoX shifts by 3 for
+# its latents; pixels at this size train better without), trailing DDIM spacing so the first
+# step starts from pure noise.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    prediction_type="v_prediction",
+    snr_shift_scale=1.0,
+    timestep_spacing="trailing",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    rescale_betas_zero_snr=False,
+)
+
+# The training distribution, and the held-out evaluation sets, of the procedural source.
+TRAIN_VIDEO = SyntheticConfig(
+    num_frames=FRAMES,
+    height=HEIGHT,
+    width=WIDTH,
+    num_sprites=3,
+    sprite_size_range=(3.5, 7.5),
+    max_speed=2.5,
+    max_accel=0.05,
+    rotation_range_deg=(1.0, 6.0),
+    camera_pan_speed=0.8,
+    points_per_sprite=16,
+    background_points=24,
+)
+TRAIN_SEED_BASE = 10_000_000
+"""Training videos use seeds TRAIN_SEED_BASE + i; evaluation uses EVAL_SEED_BASE + i."""
+EVAL_SEED_BASE = 90_000_000
+
+
+def train_video_settings() -> dict[str, Any]:
+    """``source.synthetic`` settings that reproduce the training distribution."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(TRAIN_VIDEO):
+        if f.name in ("sprites", "seed", "camera_velocity"):
+            continue
+        v = getattr(TRAIN_VIDEO, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+_HUES = [
+    (0.04, "red"),
+    (0.11, "orange"),
+    (0.19, "yellow"),
+    (0.45, "green"),
+    (0.70, "blue"),
+    (0.83, "purple"),
+    (0.95, "pink"),
+    (1.01, "red"),
+]
+
+
+def colour_word(rgb: np.ndarray) -> str:
+    r, g, b = (float(v) / 255.0 for v in rgb)
+    mx, mn = max(r, g, b), min(r, g, b)
+    if mx - mn < 0.12:
+        return "gray"
+    if mx == r:
+        h = ((g - b) / (mx - mn)) % 6.0
+    elif mx == g:
+        h = (b - r) / (mx - mn) + 2.0
+    else:
+        h = (r - g) / (mx - mn) + 4.0
+    h /= 6.0
+    return next(word for edge, word in _HUES if h < edge)
+
+
+def direction_words(dx: float, dy: float, still: float = 1.0) -> str:
+    """Image-plane motion as words (y grows downwards): 'left', 'up right', 'slowly'..."""
+    parts = []
+    if abs(dy) >= still and abs(dy) >= 0.4 * abs(dx):
+        parts.append("up" if dy < 0 else "down")
+    if abs(dx) >= still and abs(dx) >= 0.4 * abs(dy):
+        parts.append("left" if dx < 0 else "right")
+    return " ".join(parts) if parts else "slowly"
+
+
+def caption(config: SyntheticConfig, seed: int) -> str:
+    """A prompt describing a procedural video: each sprite's colour, shape and direction,
+    then the camera pan, in the tiny tokenizer's whole-word vocabulary."""
+    scene = build_scene(config, seed)
+    parts = []
+    last = scene.num_frames - 1
+    for k, sp in enumerate(scene.sprites):
+        colour = colour_word(scene.textures[k + 1].base)
+        noun = "ball" if sp.shape in ("disc", "ellipse") else "box"
+        d = scene.centers[k, last] - scene.centers[k, 0]
+        parts.append(f"{colour} {noun} moves {direction_words(d[0], d[1])}")
+    # world = image + offset: the offset growing in x means the camera moves right.
+    o = scene.camera_offsets[last] - scene.camera_offsets[0]
+    parts.append(f"camera pans {direction_words(o[0], o[1])}")
+    return ", ".join(parts)
+
+
+def build_pipeline(transformer: Any | None = None, seed: int = 0) -> Any:
+    """A CogVideoXPipeline of the tiny trained architecture; random init (``seed``) when no
+    transformer is given. The text encoder is the random tiny model's (fixed seed), frozen."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from datagen.models.pixel_vae import PixelSpaceVAE
+    from datagen.models.tiny_cogvideox import WEIGHT_SEED, tiny_text_encoder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(WEIGHT_SEED)
+        text_encoder = tiny_text_encoder(len(tokenizer))
+        if transformer is None:
+            torch.manual_seed(seed)
+            transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
+    finally:
+        torch.random.set_rng_state(state)
+    return CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=PixelSpaceVAE().eval(),
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+def frames_to_latents(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) frames -> pixel-space latents (B, T, 3, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(frames))
+    return (x.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0).contiguous()
+
+
+def tiny_layout() -> Any:
+    from datagen.layout import TokenLayout
+
+    return TokenLayout(
+        family="cogvideox",
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        vae_compression=(1, 1, 1),
+        patch_size=(1, PATCH, PATCH),
+        text_tokens=MAX_TEXT_LEN,
+        text_position="first",
+    )
+
+
+def encode_captions(pipe: Any, captions: list[str]) -> torch.Tensor:
+    """(B, MAX_TEXT_LEN, 32) T5 embeddings of captions, as the pipeline computes them."""
+    with torch.inference_mode():
+        emb, _ = pipe.encode_prompt(
+            captions,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_TEXT_LEN,
+            device=torch.device("cpu"),
+        )
+    return emb.float().clone()
+
+
+def evaluate_matching(
+    models: dict[str, Any],
+    videos: list[Any],
+    text_emb: torch.Tensor,
+    scheduler: Any,
+    timesteps: list[int],
+    seed: int = 0,
+    batch: int = 16,
+) -> Any:
+    """Matching accuracy per model x layer x timestep on procedural videos with exact tracks.
+
+    ``videos``: SyntheticVideo objects at the tiny size; ``text_emb`` their caption embeddings.
+    The same seeded noise is used for every model and the pixel baseline.
+    """
+    from datagen.analysis.matching import (
+        MatchingTable,
+        head_averaged_matches,
+        pixel_matches,
+        query_tokens_of,
+        score_matches,
+    )
+    from datagen.models.cogvideox import capture_qk
+
+    layout = tiny_layout()
+    table = MatchingTable(timesteps=list(timesteps))
+    f_count = layout.token_grid[0]
+    for start in range(0, len(videos), batch):
+        chunk = videos[start : start + batch]
+        x0 = frames_to_latents(np.stack([v.frames for v in chunk]))
+        emb = text_emb[start : start + batch]
+        qtok = [query_tokens_of(v.queries[:, 1:], layout) for v in chunk]
+        for t in timesteps:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + start * 1009 + int(t))
+            noise = torch.randn(x0.shape, generator=gen)
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            xt = scheduler.add_noise(x0, noise, tt)
+
+            def score(row: str, matches: torch.Tensor, chunk=chunk, qtok=qtok, t=t) -> None:
+                for b, v in enumerate(chunk):
+                    m = matches[b].numpy()[qtok[b]]  # (N, F)
+                    table.add(row, t, score_matches(m, qtok[b], v.tracks, v.visible, layout))
+
+            score("pixel patches", pixel_matches(xt, PATCH))
+            still = torch.stack([torch.arange(layout.tokens_per_frame)] * f_count, -1)
+            score("no motion", still[None].expand(x0.shape[0], -1, -1))
+            for name, transformer in models.items():
+                qk = capture_qk(transformer, xt, emb, tt)
+                for layer, (q, k) in sorted(qk.items()):
+                    score(f"{name} layer {layer}", head_averaged_matches(q, k))
+    return table
