@@ -190,7 +190,7 @@ def _paper_generation(**kw: Any) -> GenerationConfig:
 
 def _tiny_trained() -> BuildConfig:
     # The shipped trained DiT: 8 frames of 32x32 pixels, 6 layers; its two last layers are
-    # captured at the last two of 8 DDIM steps. The synthetic source defaults to the
+    # captured at the last two of 6 DDIM steps. The synthetic source defaults to the
     # distribution it was trained on (its held-out seeds are the evaluation set).
     from datagen.models.tiny_dit import train_video_settings
 
@@ -202,14 +202,14 @@ def _tiny_trained() -> BuildConfig:
             num_frames=8,
             height=32,
             width=32,
-            num_inference_steps=8,
+            num_inference_steps=6,
             guidance_scale=3.0,
             batch_size=16,
             max_sequence_length=32,
         ),
         tracker=TrackerConfig(name="lk_recover", grid_size=8),
         capture=CaptureConfig(
-            feature_layers=[4, 5], feature_steps=[6, 7], corr_layers=[4, 5], corr_steps=[6, 7]
+            feature_layers=[4, 5], feature_steps=[4, 5], corr_layers=[4, 5], corr_steps=[4, 5]
         ),
     )
 

@@ -59,7 +59,7 @@ def generated(num_videos: int):
         None,
         [
             f"capture.corr_layers={json.dumps(layers)}",
-            "capture.corr_steps=[0,2,4,6,7]",
+            "capture.corr_steps=[0,2,4,5]",
             "capture.feature_layers=[]",
         ],
     )

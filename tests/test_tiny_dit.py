@@ -180,16 +180,9 @@ def test_shipped_model_matches_moving_points_3x_better_than_random_init(lowest_n
     assert best["trained"] >= 3 * best["random"], acc
 
 
-PIXEL_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="measured: the shipped model's best layer (layer 4) reaches ~52% at t=100 on "
-    "held-out videos, the pixel-patch baseline ~54%; the trained layers beat pixels at "
-    "t >= 300 but not at the lowest noise level",
-)
-
-
-@PIXEL_XFAIL
 def test_shipped_model_beats_the_pixel_patch_baseline_at_the_lowest_noise(lowest_noise_table):
+    # Measured: best layer (4) 54.6% vs pixel patches 54.0% on 64 held-out videos; a thin
+    # margin that appeared late in training (scripts/train_tiny_dit.py log, README table).
     best, acc = lowest_noise_table
     assert best["trained"] > acc["pixel patches"]["100"], acc
 
