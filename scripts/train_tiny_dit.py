@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     elapsed_before = 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors and numbers only
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -185,6 +185,16 @@ def main(argv=None) -> int:
         baseline = evaluate({"random": ema})
         evlog.write(json.dumps({"step": 0, **baseline}) + "\n")
         evlog.flush()
+
+    def checkpoint_state(step: int, elapsed: float) -> dict:
+        return dict(
+            model=model.state_dict(),
+            ema=ema.state_dict(),
+            opt=opt.state_dict(),
+            gen=gen.get_state(),
+            step=step,
+            elapsed=elapsed,
+        )
 
     t_start = time.time()
     budget = args.minutes * 60.0
@@ -230,17 +240,7 @@ def main(argv=None) -> int:
             log.flush()
             print(f"step {step} loss {loss.item():.4f} {elapsed / 60:.1f} min", flush=True)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(
-                ckpt,
-                dict(
-                    model=model.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    gen=gen.get_state(),
-                    step=step,
-                    elapsed=elapsed,
-                ),
-            )
+            save_checkpoint(ckpt, checkpoint_state(step, elapsed))
         if step % args.eval_every == 0:
             res = evaluate({"ema": ema})
             evlog.write(json.dumps({"step": step, **res}) + "\n")
@@ -252,17 +252,7 @@ def main(argv=None) -> int:
             )
             print(f"eval step {step}: best {best}", flush=True)
     elapsed = elapsed_before + time.time() - t_start
-    save_checkpoint(
-        ckpt,
-        dict(
-            model=model.state_dict(),
-            ema=ema.state_dict(),
-            opt=opt.state_dict(),
-            gen=gen.get_state(),
-            step=step,
-            elapsed=elapsed,
-        ),
-    )
+    save_checkpoint(ckpt, checkpoint_state(step, elapsed))
     log.close()
     evlog.close()
     print(f"stopped at step {step} after {elapsed / 60:.1f} min", flush=True)

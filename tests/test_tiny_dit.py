@@ -202,7 +202,7 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
     assert train_tiny_dit.main(common + ["--steps", "2"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
-    first = torch.load(out / "checkpoint.pt", weights_only=False)
+    first = torch.load(out / "checkpoint.pt", weights_only=True)
     assert first["step"] == 2
     export = tmp_path / "export"
     assert train_tiny_dit.main(common + ["--steps", "3", "--export", str(export)]) == 0
@@ -219,6 +219,6 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
     # Same seed and data: a fresh 2-step run reproduces the first run's weights exactly.
     again = tmp_path / "again"
     assert train_tiny_dit.main(["--out", str(again)] + common[2:] + ["--steps", "2"]) == 0
-    second = torch.load(again / "checkpoint.pt", weights_only=False)
+    second = torch.load(again / "checkpoint.pt", weights_only=True)
     for name, value in first["ema"].items():
         assert torch.equal(value, second["ema"][name]), name
