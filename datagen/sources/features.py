@@ -22,33 +22,21 @@ import torch
 from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.layout import TokenLayout
-from datagen.models import get_family
-from datagen.sources.text_to_video import capture_products
+from datagen.sources.text_to_video import LazyPipeline, capture_products
 
 
-class FeaturePass:
+class FeaturePass(LazyPipeline):
     """Loads the model once; captures q/k and correspondence of given videos."""
 
     def __init__(self, cfg: BuildConfig, spec: CaptureSpec):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.spec = spec
-        self.family = get_family(cfg.model.family)
         for need in ("encode_video", "encode_text", "denoiser_forward", "install_processors"):
             if not hasattr(self.family, need):
                 raise UserError(
                     f"model.family={cfg.model.family} has no feature pass for existing videos "
                     "(cogvideox has); switch capture off for this source"
                 )
-        self._pipe = None
-        self.layout: TokenLayout | None = None
-
-    @property
-    def pipe(self) -> Any:
-        if self._pipe is None:
-            self._pipe = self.family.load_pipeline(self.cfg.model)
-            self.layout = self.family.layout(self._pipe, self.cfg.generation)
-        return self._pipe
 
     def schedule(self) -> list[tuple[int, int]]:
         """(step label, timestep) pairs to run, in order."""

@@ -28,25 +28,32 @@ def capture_spec(cfg: BuildConfig) -> CaptureSpec:
     )
 
 
-class TextToVideoSource:
-    kind = "text-to-video"
+class LazyPipeline:
+    """The config's model-family pipeline and token layout, loaded on first use (once per
+    worker); shared by generation and the feature pass for existing videos."""
 
-    def __init__(self, cfg: BuildConfig, query_points: np.ndarray):
+    def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
         self.family = get_family(cfg.model.family)
-        self.spec = capture_spec(cfg)
-        self.query_points = query_points
-        """(N, 3) (t, x, y) raster: the tracker's queries, known before generation."""
         self._pipe = None
         self.layout: TokenLayout | None = None
 
     @property
     def pipe(self) -> Any:
-        """The pipeline, loaded on first use (once per worker)."""
         if self._pipe is None:
             self._pipe = self.family.load_pipeline(self.cfg.model)
             self.layout = self.family.layout(self._pipe, self.cfg.generation)
         return self._pipe
+
+
+class TextToVideoSource(LazyPipeline):
+    kind = "text-to-video"
+
+    def __init__(self, cfg: BuildConfig, query_points: np.ndarray):
+        super().__init__(cfg)
+        self.spec = capture_spec(cfg)
+        self.query_points = query_points
+        """(N, 3) (t, x, y) raster: the tracker's queries, known before generation."""
 
     def layout_json(self) -> dict[str, Any] | None:
         return self.layout.to_json() if self.layout else None
