@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from datagen.check import check_sample
-from datagen.config import BuildConfig
+from datagen.config import BuildConfig, query_sampler
 from datagen.errors import UserError
 from datagen.models import get_family
 from datagen.plan import Plan, ShardTask, WorkUnit, make_plan
@@ -53,7 +53,7 @@ from datagen.sources.text_to_video import TextToVideoSource, capture_spec
 from datagen.sources.videos import VideoFilesSource, video_prompts
 from datagen.track.base import TrackResult, make_tracker
 from datagen.track.qc import QCConfig, run_qc
-from datagen.track.queries import grid_queries
+from datagen.track.queries import QuerySampler
 from datagen.video import decode_video, encode_video
 
 log = logging.getLogger("datagen.build")
@@ -163,7 +163,7 @@ def prepare_build(
             )
         prompts = synthetic_prompts(cfg.source.num_videos)
     elif kind == "videos":
-        prompts = video_prompts(cfg.source.videos_dir)
+        prompts = video_prompts(cfg.source.videos_dir, masks=bool(cfg.tracker.query_mask))
     else:
         if prompts_path is None:
             raise UserError("--prompts is required for --source text-to-video")
@@ -243,16 +243,20 @@ def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
     return members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
 
 
-def make_source(cfg: BuildConfig, query_points: np.ndarray) -> Source:
+def make_source(cfg: BuildConfig, sampler: QuerySampler | None) -> Source:
     spec = capture_spec(cfg)
-    if cfg.source.kind in ("synthetic", "videos"):
+    if cfg.source.kind == "synthetic":
         from datagen.sources.features import FeaturePass
 
         features = FeaturePass(cfg, spec) if spec.enabled else None
-        if cfg.source.kind == "synthetic":
-            return SyntheticSource(cfg.source.synthetic, features)
-        return VideoFilesSource(cfg, features, query_points)
-    return TextToVideoSource(cfg, query_points)
+        return SyntheticSource(cfg.source.synthetic, features, sampler)
+    assert sampler is not None
+    if cfg.source.kind == "videos":
+        from datagen.sources.features import FeaturePass
+
+        features = FeaturePass(cfg, spec) if spec.enabled else None
+        return VideoFilesSource(cfg, features, sampler)
+    return TextToVideoSource(cfg, sampler)
 
 
 @dataclass
@@ -267,10 +271,9 @@ class ShardWorker:
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
         self.tracker = make_tracker(cfg.tracker.name, **cfg.tracker.settings)
-        g = cfg.generation
-        self.query_points = grid_queries(cfg.tracker.grid_size, g.height, g.width, frame=0)
-        """The tracker's queries (a grid on frame 0), known before generation."""
-        self.source = make_source(cfg, self.query_points)
+        self.sampler = query_sampler(cfg)
+        """Samples each video's queries (None: a synthetic build's own points)."""
+        self.source = make_source(cfg, self.sampler)
         self.qc = QCConfig(**dataclasses.asdict(cfg.qc))
 
     def label(self, unit: WorkUnit, made: Produced, timings: dict[str, float]) -> Sample:
@@ -293,12 +296,16 @@ class ShardWorker:
                 queries = made.labels["queries"]
                 result = TrackResult(made.labels["tracks"], made.labels["visible"], None)
                 tracker_info = {"name": "ground-truth", "settings": {}}
-                queries_meta = {"method": "synthetic-ground-truth", "frame": 0}
+                if self.sampler is None:
+                    queries_meta = {"method": "synthetic-ground-truth", "frame": 0}
+                else:
+                    queries_meta = {**self.sampler.describe(), "labels": "exact"}
             else:
-                queries = self.query_points
+                assert made.queries is not None and self.sampler is not None
+                queries = made.queries
                 result = self.tracker.track(frames, queries)
                 tracker_info = {"name": self.tracker.name, "settings": self.tracker.settings()}
-                queries_meta = {"method": "grid", "grid_size": cfg.tracker.grid_size, "frame": 0}
+                queries_meta = self.sampler.describe()
             t3 = time.perf_counter()
             stage = "qc"
             qc = None

@@ -89,6 +89,14 @@ def check_sample(
 ) -> list[str]:
     """Schema errors of the metadata, then numeric errors of the arrays."""
     errs = [f"metadata {e}" for e in schema_errors("sample", meta)]
+    cap = meta.get("capture")
+    if isinstance(cap, dict) and "corr_points" in cap and queries.ndim == 2:
+        first = int((queries[:, 0] == 0).sum())
+        if cap["corr_points"] != first:
+            errs.append(
+                f"correspondence covers {cap['corr_points']} points, but {first} queries lie "
+                "on frame 0"
+            )
     return errs + check_arrays(frames, tracks, visible, queries, confidence, meta)
 
 
@@ -111,7 +119,7 @@ def check_capture(
             if got != want:
                 errs.append(f"correspondence arrays {got} differ from metadata {want}")
             lead = (len(cap["corr_layers"]), len(cap["corr_steps"]))
-            n = meta["labels"]["num_points"]
+            n = cap.get("corr_points", meta["labels"]["num_points"])
             for name, arr in arrays.items():
                 if arr.shape[:2] != lead:
                     errs.append(f"correspondence {name} leads with {arr.shape[:2]}, not {lead}")

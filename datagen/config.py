@@ -15,9 +15,12 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datagen.errors import UserError
+
+if TYPE_CHECKING:
+    from datagen.track.queries import QuerySampler
 
 TINY_MODEL_ID = "datagen/tiny-random-cogvideox"
 """The random-weight tiny CogVideoX, built from configs (fast tests, ``--preset tiny-random``)."""
@@ -68,8 +71,19 @@ class TrackerConfig:
     """Pseudo-labelling tracker and its query points."""
 
     name: str = "lk"
+    queries: str = "default"
+    """How query points are sampled (datagen.track.queries.QuerySampler): grid, random, sift,
+    strided, or 'default': grid for videos the tracker labels, the renderer's own points on
+    each object and the background for synthetic videos."""
     grid_size: int = 10
-    """Queries on a grid_size x grid_size CoTracker-compatible grid on frame 0."""
+    """Side of the CoTracker-compatible grid on frame 0 (grid and strided)."""
+    num_queries: int = 400
+    """Points per video for random and sift."""
+    query_stride: int = 8
+    """strided: the grid is repeated every query_stride frames."""
+    query_mask: str = ""
+    """'objects': keep only frame-0 queries on the first frame's object mask (the paper's
+    object-centric set); synthetic videos carry the mask, video files a NAME.mask.png."""
     settings: dict[str, Any] = field(default_factory=dict)
     """Tracker keyword arguments (e.g. win_size, fb_threshold for lk)."""
 
@@ -221,7 +235,7 @@ PRESETS: dict[str, BuildConfig] = {
         preset="cogvideox-2b",
         model=ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
         generation=_paper_generation(),
-        tracker=TrackerConfig(name="lk", grid_size=20),
+        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
         capture=_paper_capture(30, 17),
         shards=ShardConfig(max_samples=16),
     ),
@@ -229,11 +243,24 @@ PRESETS: dict[str, BuildConfig] = {
         preset="cogvideox-5b",
         model=ModelConfig(model_id="THUDM/CogVideoX-5b", dtype="bfloat16"),
         generation=_paper_generation(),
-        tracker=TrackerConfig(name="lk", grid_size=20),
+        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
         capture=_paper_capture(42, 17),
         shards=ShardConfig(max_samples=16),
     ),
 }
+
+
+def query_sampler(cfg: BuildConfig) -> QuerySampler | None:
+    """The build's query sampler; None for a synthetic build's own (default) points."""
+    from datagen.track.queries import QuerySampler
+
+    t = cfg.tracker
+    method = t.queries
+    if method == "default":
+        if cfg.source.kind == "synthetic" and not t.query_mask:
+            return None
+        method = "grid"
+    return QuerySampler(method, t.grid_size, t.num_queries, t.query_stride, t.query_mask)
 
 
 def preset(name: str) -> BuildConfig:
@@ -416,6 +443,18 @@ def check_config(cfg: BuildConfig) -> None:
     if cfg.source.kind not in ("text-to-video", "synthetic", "videos"):
         raise UserError(
             f"source '{cfg.source.kind}' is not one of text-to-video, synthetic, videos (--source)"
+        )
+    try:
+        query_sampler(cfg)
+    except ValueError as exc:
+        raise UserError(
+            f"tracker queries: {exc} (--set tracker.queries=grid|random|sift|strided)"
+        ) from None
+    if cfg.tracker.query_mask and cfg.source.kind == "text-to-video":
+        raise UserError(
+            "tracker.query_mask=objects needs first-frame object masks, which text-to-video "
+            "builds do not have; use --source videos DIR (a NAME.mask.png beside each video) "
+            "or --source synthetic"
         )
     if cfg.source.num_videos <= 0:
         raise UserError(f"source.num_videos must be positive, got {cfg.source.num_videos}")

@@ -56,9 +56,7 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     if cfg.source.kind == "synthetic":
         s = cfg.source.synthetic
         frames, h, w = s.get("num_frames", 24), s.get("height", 96), s.get("width", 128)
-        points = s.get("num_sprites", 4) * s.get("points_per_sprite", 48) + s.get(
-            "background_points", 96
-        )
+        points = query_points_bound(cfg)
         masks = frames * h * w // 8  # int16 masks of a few objects compress poorly in npy
         return (
             int(frames * h * w * 2 ** (-(cfg.video.crf - 12) / 6))
@@ -70,10 +68,25 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     # Measured on the tiny preset's noisy output: about 1 byte per pixel at crf 12; x264 halves
     # the size for every +6 of crf. Smooth real-model video is smaller, so this errs high.
     video = int(pixels * 2 ** (-(cfg.video.crf - 12) / 6)) + 2048
-    points = cfg.tracker.grid_size**2
+    points = query_points_bound(cfg)
     labels = points * g.num_frames * (8 + 1 + 4) + points * 12 + 4 * 128
     tar_overhead = 6 * 1024
     return video + labels + 4096 + tar_overhead + estimate_capture_bytes(cfg)[0]
+
+
+def query_points_bound(cfg: BuildConfig, first_frame: bool = False) -> int:
+    """Most query points one video gets (``first_frame``: only those on frame 0)."""
+    from datagen.config import query_sampler
+
+    sampler = query_sampler(cfg)
+    if sampler is None:  # a synthetic build's own points
+        s = cfg.source.synthetic
+        return int(s.get("points_per_sprite", 48)) * int(s.get("num_sprites", 4)) + int(
+            s.get("background_points", 96)
+        )
+    if first_frame and sampler.method == "strided":
+        return sampler.grid_size**2
+    return sampler.max_points(cfg.generation.num_frames)
 
 
 def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tuple[int, int]:
@@ -101,12 +114,7 @@ def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tu
     latent_f = (g.num_frames - 1) // temporal + 1
     f = -(-latent_f // patch_t)
     h, w = g.height // (spatial * patch), g.width // (spatial * patch)
-    if cfg.source.kind == "synthetic":
-        n = int(cfg.source.synthetic.get("points_per_sprite", 48)) * int(
-            cfg.source.synthetic.get("num_sprites", 4)
-        ) + int(cfg.source.synthetic.get("background_points", 96))
-    else:
-        n = cfg.tracker.grid_size**2
+    n = query_points_bound(cfg, first_frame=True)
     pairs = len(cap.corr_layers) * len(cap.corr_steps)
     # per (layer, step): forward match/prob/confidence/mass (N x F x 5 x 4 B), soft (N x F x 8),
     # reverse matches (F x h x w x 4 B), three masses (N x 12 B)

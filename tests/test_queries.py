@@ -149,3 +149,69 @@ def test_restrict_to_mask_uses_floor_of_raster_coordinates():
     np.testing.assert_array_equal(restrict_to_mask(q, mask)[:, 0], [0, 3])
     with pytest.raises(ValueError):
         restrict_to_mask(q, mask.astype(np.uint8))
+
+
+# --- the build's sampler ----------------------------------------------------------------------
+
+from datagen.track.queries import QuerySampler, first_frame_rows  # noqa: E402
+
+
+def test_sampler_methods_equal_the_functions_they_name():
+    h, w, t = 48, 64, 20
+    np.testing.assert_array_equal(QuerySampler("grid", grid_size=7).sample(h, w, t, 1),
+                                  grid_queries(7, h, w))  # fmt: skip
+    s = QuerySampler("strided", grid_size=3, stride=8)
+    expect = strided_queries(grid_queries(3, h, w)[:, 1:], t, 8)
+    np.testing.assert_array_equal(s.sample(h, w, t, 1), expect)
+    assert s.max_points(t) == 9 * 3 == len(expect)
+    np.testing.assert_array_equal(first_frame_rows(expect), np.arange(9))
+    from datagen.sources.synthetic import SyntheticConfig, render_synthetic_video
+
+    frame = render_synthetic_video(SyntheticConfig(num_frames=1), 0).frames[0]
+    sift = QuerySampler("sift", num_queries=30).sample(96, 128, 1, 5, first_frame=frame)
+    # a textured frame has more than 30 keypoints: no random top-up, the seed plays no part
+    np.testing.assert_array_equal(sift, sift_queries(frame, 30, seed=12345))
+
+
+def test_random_sampler_differs_per_video_and_repeats_per_seed():
+    s = QuerySampler("random", num_queries=50)
+    a, b, a2 = s.sample(30, 40, 8, 7), s.sample(30, 40, 8, 8), s.sample(30, 40, 8, 7)
+    np.testing.assert_array_equal(a, a2)
+    assert not np.array_equal(a, b)
+    assert (a[:, 0] == 0).all() and (a[:, 1] < 40).all() and (a[:, 2] < 30).all()
+    assert a.min() >= 0
+
+
+def test_mask_keeps_exactly_the_queries_on_the_object():
+    h, w = 40, 60
+    mask = np.zeros((h, w), bool)
+    mask[5:20, 10:35] = True
+    q = QuerySampler("grid", grid_size=12, mask="objects").sample(h, w, 4, 0, mask=mask)
+    full = grid_queries(12, h, w)
+    naive = [p for p in full if mask[int(p[2]), int(p[1])]]
+    np.testing.assert_array_equal(q, np.array(naive, np.float32))
+    assert 0 < len(q) < len(full)
+    with pytest.raises(ValueError, match="keeps none"):
+        QuerySampler("grid", mask="objects").sample(h, w, 4, 0, mask=np.zeros((h, w), bool))
+    with pytest.raises(ValueError, match="needs the first frame's object mask"):
+        QuerySampler("grid", mask="objects").sample(h, w, 4, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "harris"}, "not one of grid, random, sift, strided"),
+        ({"num_queries": 0}, "num_queries must be a positive integer"),
+        ({"stride": 0}, "stride must be a positive integer"),
+        ({"mask": "people"}, "query mask 'people'"),
+        ({"method": "strided", "mask": "objects"}, "cannot restrict strided"),
+    ],
+)
+def test_sampler_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuerySampler(**kwargs)
+
+
+def test_sift_sampler_needs_the_frame():
+    with pytest.raises(ValueError, match="first frame"):
+        QuerySampler("sift").sample(10, 10, 2, 0)

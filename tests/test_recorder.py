@@ -66,3 +66,50 @@ def test_batched_dense_path_equals_the_chunked_kernel_per_video():
                     assert (got[name] == arr).all(), name
                 else:
                     assert abs(got[name] - arr).max() <= 1e-5, name
+
+
+def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_computation():
+    """Each video's own queries (different per video, some sharing a token, some on later
+    frames) get rows equal to computing the correspondence of each point's token directly."""
+    import numpy as np
+    import safetensors.numpy
+
+    from datagen.capture.batched import batched_correspondence
+    from datagen.layout import TokenLayout
+    from datagen.sources.text_to_video import capture_products, corr_tokens, token_rows
+    from datagen.track.queries import QuerySampler
+
+    frames, h, w, heads, d = 3, 4, 5, 2, 8
+    layout = TokenLayout(
+        family="cogvideox", num_frames=frames, height=h * 8, width=w * 8,
+        vae_compression=(1, 8, 8), patch_size=(1, 1, 1), text_tokens=4, text_position="first",
+    )  # fmt: skip
+    assert layout.token_grid == (frames, h, w)
+    queries = [
+        QuerySampler("random", num_queries=9).sample(h * 8, w * 8, frames, s) for s in (1, 2)
+    ]
+    queries[1] = np.concatenate([queries[1], [[2, 3.0, 4.0]]]).astype(np.float32)  # a later query
+    tokens, rows = corr_tokens(layout, queries)
+    assert tokens.numel() < 18  # shared tokens are computed once
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, frames, h * w, d, generator=g)
+    k = torch.randn(2, heads, frames, h * w, d, generator=g)
+    kt = torch.randn(2, heads, 4, d, generator=g)
+    spec = CaptureSpec((), (), (0,), (0,))
+    rec = Recorder(spec, batch=2, query_tokens=tokens, token_grid=(frames, h, w))
+    rec.resolve_steps([999])
+    rec.begin_forward(0, 999, slice(0, 2))
+    rec.record(0, q, k, kt)
+    for b in range(2):
+        np.testing.assert_array_equal(rows[b], token_rows(layout, tokens, queries[b]))
+        meta, corr, _ = capture_products(spec, rec, b, rows[b])
+        got = safetensors.numpy.load(corr)
+        first = queries[b][queries[b][:, 0] == 0]
+        assert meta["corr_points"] == len(first) == 9
+        own = torch.from_numpy(
+            (first[:, 2] // 8).astype(np.int64) * w + (first[:, 1] // 8).astype(np.int64)
+        )
+        ref = batched_correspondence(q[b : b + 1], k[b : b + 1], own, kt[b : b + 1],
+                                     grid_hw=(h, w))[0]  # fmt: skip
+        for name, arr in ref.items():
+            np.testing.assert_allclose(got[name][0, 0], arr, rtol=1e-5, atol=1e-6, err_msg=name)

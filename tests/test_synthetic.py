@@ -430,3 +430,25 @@ def test_default_config_is_not_easy() -> None:
         # every sprite gets tracked points and the frame has every object visible at t=0
         assert set(np.unique(ids)) == set(range(cfg.num_sprites + 1))
     assert sprite_left
+
+
+def test_exact_tracks_of_other_queries_agree_with_the_renderer_and_run_both_ways() -> None:
+    from datagen.sources.synthetic import exact_tracks
+
+    video = _default_video(0)
+    scene = video.scene
+    # The renderer's own queries give back its tracks bit for bit.
+    tracks, visible, ids = exact_tracks(scene, video.queries)
+    assert np.array_equal(tracks, video.tracks) and np.array_equal(visible, video.visible)
+    assert np.array_equal(ids, video.object_ids)
+    # A point tracked from frame 0 to frame 10, queried there, is tracked back to where it
+    # started (later-frame queries, as the strided mode makes them).
+    t0 = 10
+    ok = visible[:, t0]
+    later = np.concatenate([np.full((ok.sum(), 1), t0), tracks[ok, t0]], axis=1)
+    back, vis_back, ids_back = exact_tracks(scene, later.astype(np.float32))
+    assert np.array_equal(ids_back, ids[ok])
+    np.testing.assert_allclose(back[:, 0], video.queries[ok, 1:], atol=2e-3)
+    assert np.array_equal(back[:, t0], later[:, 1:].astype(np.float32))
+    assert vis_back[:, t0].all()
+    assert ok.sum() > 100

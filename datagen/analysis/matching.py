@@ -195,16 +195,17 @@ def analyse_dataset(source: Any, kept_only: bool = True) -> MatchingTable:
         timesteps = [cap["step_timesteps"][str(st)] for st in cap["corr_steps"]]
         if table is None:
             table = MatchingTable(timesteps=timesteps)
-        use = np.ones(s["tracks"].shape[0], bool)
+        # Correspondence rows are the queries on frame 0, in order.
+        first = np.flatnonzero(np.asarray(s["queries"])[:, 0] == 0)
+        use = np.ones(first.size, bool)
         if kept_only and s.get("qc_flags") is not None:
-            use = (np.asarray(s["qc_flags"]) & sum(QC_FLAG_BITS.values())) == 0
-        qtok = query_tokens_of(s["queries"][:, 1:], layout)
+            use = (np.asarray(s["qc_flags"])[first] & sum(QC_FLAG_BITS.values())) == 0
+        qtok = query_tokens_of(s["queries"][first, 1:], layout)
+        tracks, visible = s["tracks"][first], s["visible"][first]
         for li, layer in enumerate(cap["corr_layers"]):
             for si, t in enumerate(timesteps):
                 m = np.asarray(corr["match_forward"][li, si])
-                counts = score_matches(
-                    m[use], qtok[use], s["tracks"][use], s["visible"][use], layout
-                )
+                counts = score_matches(m[use], qtok[use], tracks[use], visible[use], layout)
                 table.add(f"layer {layer}", t, counts)
     if table is None:
         raise ValueError(f"{source}: no sample carries correspondence arrays and a layout")

@@ -22,6 +22,8 @@ class Produced:
     labels: dict[str, np.ndarray] | None = None
     """Exact labels when the source knows them: tracks (N,T,2), visible (N,T), queries (N,3),
     raster coordinates; the tracker is then not run."""
+    queries: np.ndarray | None = None
+    """(N, 3) (t, x, y) raster queries the tracker labels (set when ``labels`` is None)."""
     extra_members: dict[str, bytes] = field(default_factory=dict)
     """Further core members (e.g. 'masks.npy' of a procedural source)."""
     meta: dict[str, Any] = field(default_factory=dict)

@@ -22,7 +22,7 @@ import torch
 from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.sources.text_to_video import LazyPipeline, capture_products
+from datagen.sources.text_to_video import LazyPipeline, capture_products, corr_tokens
 
 
 class FeaturePass(LazyPipeline):
@@ -50,10 +50,10 @@ class FeaturePass(LazyPipeline):
         return [(i, sched[i]) for i in sorted(wanted) if 0 <= i < len(sched)]
 
     def run(
-        self, frames: np.ndarray, prompt: str, seed: int, query_points: np.ndarray
+        self, frames: np.ndarray, prompt: str, seed: int, queries: np.ndarray
     ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
         """Capture products of one video: uint8 (T, H, W, 3), its prompt, the noise seed and
-        its query points (N, 3) (t, x, y) raster on frame 0."""
+        its queries (N, 3) (t, x, y) raster; correspondence covers those on frame 0."""
         pipe, fam = self.pipe, self.family
         layout = self.layout
         assert layout is not None
@@ -63,13 +63,8 @@ class FeaturePass(LazyPipeline):
                 f"video is {frames.shape[0]}x{frames.shape[1]}x{frames.shape[2]}, the feature "
                 f"pass needs {g.num_frames}x{g.height}x{g.width} (generation size)"
             )
-        rowcol = layout.token_of_pixel(query_points[:, 1:])
-        recorder = Recorder(
-            self.spec,
-            batch=1,
-            query_tokens=torch.from_numpy(rowcol[:, 0] * layout.token_grid[2] + rowcol[:, 1]),
-            token_grid=layout.token_grid,
-        )
+        tokens, (rows,) = corr_tokens(layout, [queries])
+        recorder = Recorder(self.spec, batch=1, query_tokens=tokens, token_grid=layout.token_grid)
         schedule = self.schedule()
         if self.spec.step_unit == "timestep":
             recorder.resolve_steps([t for _, t in schedule])
@@ -89,7 +84,7 @@ class FeaturePass(LazyPipeline):
                 fam.denoiser_forward(pipe, xt, text, t)
         finally:
             restore()
-        meta, corr, feats = capture_products(self.spec, recorder, 0)
+        meta, corr, feats = capture_products(self.spec, recorder, 0, rows)
         meta["protocol"] = (
             "existing video: VAE latents noised to each step's timestep with seeded Gaussian "
             "noise, one transformer forward per timestep"

@@ -13,7 +13,8 @@ from datagen.plan import WorkUnit
 from datagen.prompts import Prompt
 from datagen.sample import npy_bytes
 from datagen.sources.base import Produced
-from datagen.sources.synthetic import SyntheticConfig, render_synthetic_video
+from datagen.sources.synthetic import SyntheticConfig, exact_tracks, render_synthetic_video
+from datagen.track.queries import QuerySampler
 
 DESCRIPTION = (
     "procedural video: textured sprites (squares, discs, ellipses) moving, rotating and "
@@ -54,10 +55,17 @@ def synthetic_prompts(num_videos: int) -> list[Prompt]:
 class SyntheticSource:
     kind = "synthetic"
 
-    def __init__(self, settings: dict[str, Any], features: Any | None = None):
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        features: Any | None = None,
+        sampler: QuerySampler | None = None,
+    ):
         self.config = synthetic_config(settings)
         self.features = features
         """A :class:`datagen.sources.features.FeaturePass`, or None (no capture)."""
+        self.sampler = sampler
+        """Samples the queries (exact tracks follow them); None: the renderer's own points."""
 
     @property
     def pipe(self) -> Any:
@@ -67,6 +75,19 @@ class SyntheticSource:
         out = []
         for u in units:
             video = render_synthetic_video(self.config, seed=u.seed)
+            if self.sampler is not None:
+                c = self.config
+                video.queries = self.sampler.sample(
+                    c.height,
+                    c.width,
+                    c.num_frames,
+                    u.seed,
+                    first_frame=video.frames[0],
+                    mask=video.masks[0] > 0,
+                )
+                video.tracks, video.visible, video.object_ids = exact_tracks(
+                    video.scene, video.queries
+                )
             capture = None
             prompt = None
             if self.features is not None:

@@ -489,6 +489,46 @@ def build_scene(config: SyntheticConfig, seed: int | None = None) -> SyntheticSc
     return SyntheticScene(config, seed, sprites, camera, textures)
 
 
+def exact_tracks(
+    scene: SyntheticScene, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact tracks of arbitrary queries in a scene.
+
+    ``queries`` (N, 3) (t, x, y) raster. A query belongs to the nearest object covering its
+    point on its frame (``object_at``; at a pixel centre, the rendered mask's id); its
+    position on every frame follows that object's motion (the camera's for the background),
+    exactly (float64, stored as float32; at the query frame the query itself). Visibility as
+    in the module docstring. Returns tracks float32 (N, T, 2), visible bool (N, T) and
+    object_ids int16 (N,).
+    """
+    q = np.asarray(queries, np.float64)
+    t_count, h, w = scene.config.num_frames, scene.config.height, scene.config.width
+    tq = q[:, 0].astype(np.int64)
+    p = q[:, 1:]
+    object_ids = np.zeros(q.shape[0], np.int16)
+    for t0 in np.unique(tq):
+        object_ids[tq == t0] = scene.object_at(int(t0), p[tq == t0])
+    pos = np.empty((q.shape[0], t_count, 2), dtype=np.float64)
+    for obj in np.unique(object_ids):
+        for t0 in np.unique(tq[object_ids == obj]):
+            sel = (object_ids == obj) & (tq == t0)
+            if obj == 0:
+                wld = scene.image_to_world(int(t0), p[sel])
+                for t in range(t_count):
+                    pos[sel, t] = scene.world_to_image(t, wld)
+            else:
+                u = scene.image_to_sprite(int(obj), int(t0), p[sel])
+                for t in range(t_count):
+                    pos[sel, t] = scene.sprite_to_image(int(obj), t, u)
+            pos[sel, t0] = p[sel]  # exact at the query frame
+    visible = np.zeros(pos.shape[:2], dtype=bool)
+    for t in range(t_count):
+        x = pos[:, t]
+        in_bounds = (x[:, 0] >= 0) & (x[:, 0] < w) & (x[:, 1] >= 0) & (x[:, 1] < h)
+        visible[:, t] = in_bounds & (scene.object_at(t, x) <= object_ids)
+    return pos.astype(np.float32), visible, object_ids
+
+
 def render_synthetic_video(config: SyntheticConfig, seed: int | None = None) -> SyntheticVideo:
     """Render a procedural video with exact tracks; deterministic in ``(config, seed)``.
 
@@ -504,7 +544,7 @@ def render_synthetic_video(config: SyntheticConfig, seed: int | None = None) -> 
 
     # Queries: pixel centres of frame 0 where each object is visible.
     rng = np.random.default_rng(np.random.SeedSequence([scene.seed, 1]))
-    pos_list, id_list = [], []
+    picked = []
     order = list(range(1, scene.num_sprites + 1)) + [0]
     for obj in order:
         n = config.background_points if obj == 0 else config.points_per_sprite
@@ -512,33 +552,10 @@ def render_synthetic_video(config: SyntheticConfig, seed: int | None = None) -> 
         if n == 0 or rows.size == 0:
             continue
         pick = np.sort(rng.choice(rows.size, size=min(n, rows.size), replace=False))
-        p0 = np.stack([cols[pick] + 0.5, rows[pick] + 0.5], axis=-1).astype(np.float64)
-        pos = np.empty((p0.shape[0], t_count, 2), dtype=np.float64)
-        if obj == 0:
-            wld = scene.image_to_world(0, p0)
-            for t in range(t_count):
-                pos[:, t] = scene.world_to_image(t, wld)
-        else:
-            u = scene.image_to_sprite(obj, 0, p0)
-            for t in range(t_count):
-                pos[:, t] = scene.sprite_to_image(obj, t, u)
-        pos[:, 0] = p0  # exact at the query frame
-        pos_list.append(pos)
-        id_list.append(np.full(p0.shape[0], obj, dtype=np.int16))
-
-    if pos_list:
-        pos = np.concatenate(pos_list)
-        object_ids = np.concatenate(id_list)
-    else:
-        pos = np.zeros((0, t_count, 2))
-        object_ids = np.zeros(0, dtype=np.int16)
-    visible = np.zeros(pos.shape[:2], dtype=bool)
-    for t in range(t_count):
-        x = pos[:, t]
-        in_bounds = (x[:, 0] >= 0) & (x[:, 0] < w) & (x[:, 1] >= 0) & (x[:, 1] < h)
-        visible[:, t] = in_bounds & (scene.object_at(t, x) <= object_ids)
-    tracks = pos.astype(np.float32)
-    queries = np.concatenate([np.zeros((pos.shape[0], 1)), pos[:, 0]], axis=1).astype(np.float32)
+        picked.append(np.stack([cols[pick] + 0.5, rows[pick] + 0.5], axis=-1))
+    p0 = np.concatenate(picked) if picked else np.zeros((0, 2))
+    queries = np.concatenate([np.zeros((p0.shape[0], 1)), p0], axis=1).astype(np.float32)
+    tracks, visible, object_ids = exact_tracks(scene, queries)
 
     meta = {
         "source": "synthetic",

@@ -14,6 +14,10 @@ from datagen.layout import TokenLayout
 from datagen.models import get_family
 from datagen.plan import WorkUnit
 from datagen.sources.base import Produced
+from datagen.track.queries import QuerySampler, first_frame_rows
+
+TOKEN_ARRAYS = frozenset({"match_reverse"})
+"""Correspondence arrays indexed by token rather than by query point."""
 
 
 def capture_spec(cfg: BuildConfig) -> CaptureSpec:
@@ -46,42 +50,101 @@ class LazyPipeline:
         return self._pipe
 
 
+def corr_tokens(
+    layout: TokenLayout, queries: list[np.ndarray | None]
+) -> tuple[torch.Tensor, list[np.ndarray | None]]:
+    """Frame-0 tokens the online correspondence runs on, for a batch, and each video's rows.
+
+    ``queries[b]``: video b's (N, 3) queries, or None when they are not known yet (sampled
+    from the generated frames): then every token of latent frame 0 is computed. Returns the
+    sorted distinct tokens (M,) and, per video, the index into them of each query on frame 0
+    (None where not known yet). Points in one token share its query, so each distinct token
+    is computed once.
+    """
+    _, h, w = layout.token_grid
+    per_video: list[np.ndarray | None] = []
+    for q in queries:
+        if q is None:
+            per_video.append(None)
+            continue
+        first = q[first_frame_rows(q), 1:]
+        rowcol = layout.token_of_pixel(first)
+        per_video.append((rowcol[:, 0] * w + rowcol[:, 1]).astype(np.int64))
+    if any(t is None for t in per_video):
+        tokens = np.arange(h * w, dtype=np.int64)
+    else:
+        tokens = np.unique(np.concatenate(per_video)) if per_video else np.zeros(0, np.int64)
+    rows = [None if t is None else np.searchsorted(tokens, t) for t in per_video]
+    return torch.from_numpy(tokens), rows
+
+
+def token_rows(layout: TokenLayout, tokens: torch.Tensor, queries: np.ndarray) -> np.ndarray:
+    """Index into ``tokens`` of each frame-0 query of ``queries`` (tokens must hold them)."""
+    _, _, w = layout.token_grid
+    rowcol = layout.token_of_pixel(queries[first_frame_rows(queries), 1:])
+    tok = (rowcol[:, 0] * w + rowcol[:, 1]).astype(np.int64)
+    t = tokens.numpy()
+    rows = np.searchsorted(t, tok)
+    if rows.size and (rows.max() >= t.size or not np.array_equal(t[rows], tok)):
+        raise ValueError("a query's token was not among the computed correspondence tokens")
+    return rows
+
+
 class TextToVideoSource(LazyPipeline):
     kind = "text-to-video"
 
-    def __init__(self, cfg: BuildConfig, query_points: np.ndarray):
+    def __init__(self, cfg: BuildConfig, sampler: QuerySampler):
         super().__init__(cfg)
         self.spec = capture_spec(cfg)
-        self.query_points = query_points
-        """(N, 3) (t, x, y) raster: the tracker's queries, known before generation."""
+        self.sampler = sampler
+        """Samples each video's tracker queries: before generation when it can (the online
+        correspondence then runs on just their tokens), else from the generated frames."""
 
     def layout_json(self) -> dict[str, Any] | None:
         return self.layout.to_json() if self.layout else None
 
-    def produce(self, units: tuple[WorkUnit, ...]) -> list[Produced]:
-        videos, recorder = self.generate(units)
-        return [
-            Produced(
-                frames=video,
-                capture=self.capture_products(recorder, b) if recorder else None,
-                meta={"kind": self.kind, "model_id": self.cfg.model.model_id},
-            )
-            for b, video in enumerate(videos)
-        ]
+    def queries_of(self, unit: WorkUnit, frames: np.ndarray | None) -> np.ndarray:
+        g = self.cfg.generation
+        first = None if frames is None else frames[0]
+        return self.sampler.sample(g.height, g.width, g.num_frames, unit.seed, first_frame=first)
 
-    def generate(self, units: tuple[WorkUnit, ...]) -> tuple[np.ndarray, Recorder | None]:
-        """Generate a batch of videos, capturing attention when the config asks for it."""
+    def produce(self, units: tuple[WorkUnit, ...]) -> list[Produced]:
+        early = [None if self.sampler.needs_video else self.queries_of(u, None) for u in units]
+        videos, recorder = self.generate(units, early)
+        out = []
+        for b, (unit, video) in enumerate(zip(units, videos, strict=True)):
+            queries = early[b] if early[b] is not None else self.queries_of(unit, video)
+            capture = None
+            if recorder is not None:
+                assert self.layout is not None
+                rows = token_rows(self.layout, recorder.query_tokens, queries)
+                capture = capture_products(self.spec, recorder, b, rows)
+            out.append(
+                Produced(
+                    frames=video,
+                    capture=capture,
+                    queries=queries,
+                    meta={"kind": self.kind, "model_id": self.cfg.model.model_id},
+                )
+            )
+        return out
+
+    def generate(
+        self, units: tuple[WorkUnit, ...], queries: list[np.ndarray | None]
+    ) -> tuple[np.ndarray, Recorder | None]:
+        """Generate a batch of videos, capturing attention when the config asks for it;
+        ``queries[b]`` are video b's queries when known before generation (else None)."""
         cfg, pipe = self.cfg, self.pipe
         recorder = None
         remove = None
         if self.spec.enabled:
             layout = self.layout
-            rowcol = layout.token_of_pixel(self.query_points[:, 1:])
-            _, _, w = layout.token_grid
+            assert layout is not None
+            tokens, _ = corr_tokens(layout, queries)
             recorder = Recorder(
                 self.spec,
                 batch=len(units),
-                query_tokens=torch.from_numpy(rowcol[:, 0] * w + rowcol[:, 1]),
+                query_tokens=tokens,
                 token_grid=layout.token_grid,
             )
             remove = self.family.install_capture(
@@ -100,20 +163,24 @@ class TextToVideoSource(LazyPipeline):
                 remove()
         return videos, recorder
 
-    def capture_products(
-        self, recorder: Recorder, b: int
-    ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-        return capture_products(self.spec, recorder, b)
-
 
 def capture_products(
-    spec: CaptureSpec, recorder: Recorder, b: int
+    spec: CaptureSpec, recorder: Recorder, b: int, rows: np.ndarray
 ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-    """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors."""
+    """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors.
+
+    ``rows``: for each of the video's frame-0 queries, in order, its index among
+    ``recorder.query_tokens`` (the arrays are stored per query point).
+    """
     import safetensors.numpy
     import safetensors.torch
 
     arrays, layers, steps = recorder.stacked_correspondence(b)
+    rows = np.asarray(rows, np.int64)
+    arrays = {
+        name: a if name in TOKEN_ARRAYS else np.ascontiguousarray(a[:, :, rows])
+        for name, a in arrays.items()
+    }
     corr = None
     if spec.corr_layers:
         corr = safetensors.numpy.save(
@@ -130,7 +197,8 @@ def capture_products(
         "corr_arrays": {k: list(v.shape) for k, v in sorted(arrays.items())},
         "feature_tensors": sorted(recorder.features[b]),
         "step_timesteps": {str(k): v for k, v in sorted(recorder.step_timesteps.items())},
-        "query_tokens": "token of each query point in token frame 0, index row*w + col",
+        "corr_points": int(rows.size),
+        "corr_rows": "the queries on frame 0 (t == 0), in order",
         "cfg_branch": "conditional",
         "dtype": "float16",
     }

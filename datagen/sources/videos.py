@@ -3,7 +3,9 @@ given attention features by the zero-shot feature pass (:mod:`datagen.sources.fe
 
 Each file is one work unit whose id is its file name without the extension (letters, digits,
 '-' and '_'; other characters become '_'). A ``NAME.txt`` beside ``NAME.mp4`` holds the prompt
-the feature pass conditions on (default: empty). Videos are cut to ``generation.num_frames``
+the feature pass conditions on (default: empty); a ``NAME.mask.png`` beside it is its
+first frame's object mask (non-zero = object), needed when ``tracker.query_mask=objects``
+restricts the queries to objects. Videos are cut to ``generation.num_frames``
 frames and resized to ``generation.height`` x ``generation.width`` (area interpolation when
 shrinking), the size the model and the layout expect; the original size is recorded.
 """
@@ -23,12 +25,30 @@ from datagen.errors import UserError
 from datagen.plan import WorkUnit
 from datagen.prompts import ID_PATTERN, Prompt
 from datagen.sources.base import Produced
+from datagen.track.queries import QuerySampler
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
-def video_prompts(folder: str | Path) -> list[Prompt]:
-    """One work unit per video file in ``folder`` (sorted by name)."""
+def mask_path(video: str | Path) -> Path:
+    """Where a video's first-frame object mask lives: ``NAME.mask.png`` beside it."""
+    v = Path(video)
+    return v.with_name(v.stem + ".mask.png")
+
+
+def read_mask(path: str | Path, height: int, width: int) -> np.ndarray:
+    """A mask image as bool (height, width): non-zero pixels are object (nearest resize)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError(f"{path} is not a readable image")
+    if img.shape != (height, width):
+        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_NEAREST)
+    return img > 0
+
+
+def video_prompts(folder: str | Path, masks: bool = False) -> list[Prompt]:
+    """One work unit per video file in ``folder`` (sorted by name); ``masks``: every video
+    must have its ``NAME.mask.png``."""
     if not str(folder):
         raise UserError("--source videos needs a folder: --source videos DIR")
     path = Path(folder)
@@ -53,6 +73,12 @@ def video_prompts(folder: str | Path) -> list[Prompt]:
                 text = " ".join(side.read_text(encoding="utf-8").split())
             except UnicodeDecodeError:
                 raise UserError(f"{side}: not UTF-8 text; save it as UTF-8") from None
+        if masks and not mask_path(f).is_file():
+            raise UserError(
+                f"{f}: no object mask {mask_path(f).name} beside it, which "
+                "tracker.query_mask=objects needs; add one (non-zero = object) or unset "
+                "tracker.query_mask"
+            )
         prompts.append(Prompt(id=pid, prompt=text, category="video", set="", source=str(f)))
     return prompts
 
@@ -85,10 +111,10 @@ def fit_size(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 class VideoFilesSource:
     kind = "videos"
 
-    def __init__(self, cfg: BuildConfig, features: Any | None, query_points: np.ndarray):
+    def __init__(self, cfg: BuildConfig, features: Any | None, sampler: QuerySampler):
         self.cfg = cfg
         self.features = features
-        self.query_points = query_points
+        self.sampler = sampler
 
     @property
     def pipe(self) -> Any:
@@ -100,13 +126,20 @@ class VideoFilesSource:
         for u in units:
             frames, original = read_video_file(u.prompt.source, g.num_frames)
             frames = fit_size(frames, g.height, g.width)
+            mask = None
+            if self.sampler.mask:
+                mask = read_mask(mask_path(u.prompt.source), g.height, g.width)
+            queries = self.sampler.sample(
+                g.height, g.width, g.num_frames, u.seed, first_frame=frames[0], mask=mask
+            )
             capture = None
             if self.features is not None:
-                capture = self.features.run(frames, u.prompt.prompt, u.seed, self.query_points)
+                capture = self.features.run(frames, u.prompt.prompt, u.seed, queries)
             out.append(
                 Produced(
                     frames=np.ascontiguousarray(frames),
                     capture=capture,
+                    queries=queries,
                     meta={
                         "kind": self.kind,
                         "file": Path(u.prompt.source).name,

@@ -9,6 +9,8 @@ centres sit at +0.5, and a point is inside an H x W image when 0 <= x < W and 0 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +22,9 @@ __all__ = [
     "sift_queries",
     "strided_queries",
     "restrict_to_mask",
+    "first_frame_rows",
+    "QuerySampler",
+    "QUERY_METHODS",
 ]
 
 # (height, width) at which CoTracker (v2/v3 predictor) builds its query grid.
@@ -192,3 +197,120 @@ def restrict_to_mask(queries: np.ndarray, mask: np.ndarray) -> np.ndarray:
     keep = np.zeros(q.shape[0], bool)
     keep[ok] = m[row[ok].astype(np.int64), col[ok].astype(np.int64)]
     return q[keep]
+
+
+QUERY_METHODS = ("grid", "random", "sift", "strided")
+MASK_MODES = ("", "objects")
+
+
+def first_frame_rows(queries: np.ndarray) -> np.ndarray:
+    """Indices of the queries on frame 0 (``t == 0``), in order: the points the online
+    correspondence is computed for."""
+    return np.flatnonzero(np.asarray(queries)[:, 0] == 0)
+
+
+@dataclass(frozen=True)
+class QuerySampler:
+    """Which points the tracker labels in each video.
+
+    ``method``:
+      * ``grid``: CoTracker's ``grid_size`` x ``grid_size`` grid on frame 0 (the paper's sets:
+        20 x 20 restricted to a first-frame object mask, and 10 x 10 over the whole frame);
+      * ``random``: ``num_queries`` points uniform over frame 0, drawn from the video's seed;
+      * ``sift``: the ``num_queries`` strongest SIFT keypoints of frame 0 (topped up with
+        random points when the frame has fewer), so it needs the video;
+      * ``strided``: the grid repeated every ``stride`` frames (TAP-Vid's strided mode; the
+        tracker follows later-frame queries both ways).
+
+    ``mask = 'objects'`` keeps the frame-0 queries on the first frame's object mask (the
+    paper's object-centric set); it needs a mask (synthetic videos carry one, video files one
+    beside them).
+    """
+
+    method: str = "grid"
+    grid_size: int = 10
+    num_queries: int = 400
+    stride: int = 8
+    mask: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in QUERY_METHODS:
+            known = ", ".join(QUERY_METHODS)
+            raise ValueError(f"query method '{self.method}' is not one of {known}")
+        if self.mask not in MASK_MODES:
+            raise ValueError(f"query mask '{self.mask}' is not one of '', 'objects'")
+        for name in ("grid_size", "num_queries", "stride"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.mask and self.method == "strided":
+            raise ValueError("a first-frame object mask cannot restrict strided queries")
+
+    @property
+    def needs_video(self) -> bool:
+        """True when the points depend on the frames (known only after generation)."""
+        return self.method == "sift"
+
+    def max_points(self, num_frames: int) -> int:
+        """Upper bound on the query count of one video (for size estimates)."""
+        if self.method in ("random", "sift"):
+            return self.num_queries
+        if self.method == "strided":
+            return self.grid_size**2 * -(-int(num_frames) // self.stride)
+        return self.grid_size**2
+
+    def sample(
+        self,
+        height: int,
+        width: int,
+        num_frames: int,
+        seed: int,
+        first_frame: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The (N, 3) (t, x, y) raster queries of one video.
+
+        ``seed``: the video's seed (random points differ per video, reproducibly);
+        ``first_frame``: uint8 (H, W, 3), required by ``sift``; ``mask``: bool (H, W) object
+        mask of frame 0, required when ``self.mask`` is set. Raises ValueError when a needed
+        input is missing or the mask keeps no point.
+        """
+        if self.method == "grid":
+            q = grid_queries(self.grid_size, height, width, frame=0)
+        elif self.method == "random":
+            sub = int(np.random.SeedSequence([int(seed), 2]).generate_state(1)[0])
+            q = random_queries(self.num_queries, height, width, 1, seed=sub)
+        elif self.method == "sift":
+            if first_frame is None:
+                raise ValueError("sift queries need the video's first frame")
+            sub = int(np.random.SeedSequence([int(seed), 3]).generate_state(1)[0])
+            q = sift_queries(first_frame, self.num_queries, frame=0, seed=sub)
+        else:
+            base = grid_queries(self.grid_size, height, width, frame=0)[:, 1:]
+            q = strided_queries(base, num_frames, self.stride)
+        if self.mask:
+            if mask is None:
+                raise ValueError("query mask 'objects' needs the first frame's object mask")
+            m = np.asarray(mask, bool)
+            if m.shape != (height, width):
+                raise ValueError(
+                    f"object mask is {m.shape[0]}x{m.shape[1]}, the video {height}x{width}"
+                )
+            q = restrict_to_mask(q, m)
+            if q.shape[0] == 0:
+                raise ValueError("the object mask keeps none of the query points")
+        return q
+
+    def describe(self) -> dict[str, Any]:
+        """What the sample metadata records under 'queries'."""
+        out: dict[str, Any] = {"method": self.method, "frame": 0}
+        if self.method in ("grid", "strided"):
+            out["grid_size"] = self.grid_size
+        if self.method in ("random", "sift"):
+            out["num_queries"] = self.num_queries
+        if self.method == "strided":
+            out["stride"] = self.stride
+            del out["frame"]
+        if self.mask:
+            out["mask"] = self.mask
+        return out
