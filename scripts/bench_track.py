@@ -7,6 +7,7 @@ so every row also reports accuracy against the exact motion (median and 99th per
 error of visible points, in px). Rows:
 
 * ``lk``: LKTracker with defaults (forward-backward check + appearance check).
+* ``lk_recover``: the tiny preset's tracker (LK that follows lost points and re-acquires them).
 * ``lk, no appearance check``: LKTracker(min_ncc=None), i.e. the forward-backward check only.
 * ``baseline: plain LK forward``: one cv2.calcOpticalFlowPyrLK call per frame pair, same LK
   parameters, no checks; the ratio to it (``x base``) shows what the checks cost.
@@ -36,6 +37,7 @@ import time
 import cv2
 import numpy as np
 
+from datagen.track.base import make_tracker
 from datagen.track.lk import DISTracker, LKTracker, to_gray
 from datagen.track.queries import grid_queries
 
@@ -110,9 +112,11 @@ def main() -> None:
 
     lk = LKTracker()
     lk_fb_only = LKTracker(min_ncc=None)
+    lk_recover = make_tracker("lk_recover")
     dis = DISTracker()
     rows = [
         ("lk", lambda: lk.track(frames, queries)),
+        ("lk_recover (tiny default)", lambda: lk_recover.track(frames, queries)),
         ("lk, no appearance check", lambda: lk_fb_only.track(frames, queries)),
         ("baseline: plain LK forward", lambda: plain_lk_forward(frames, queries, lk)),
         ("dis", lambda: dis.track(frames, queries)),
@@ -130,7 +134,7 @@ def main() -> None:
     print("-" * len(header))
 
     timed = time_rounds([fn for _, fn in rows], args.repeats)
-    base_fps = args.frames / timed[2][0]
+    base_fps = args.frames / timed[3][0]
     for (name, _), (best, med, out) in zip(rows, timed, strict=True):
         if isinstance(out, np.ndarray):
             tracks, vis = out, np.ones(out.shape[:2], bool)
