@@ -80,6 +80,8 @@ class BuildRequest:
     plan: Plan
     out: Path
     limit: int | None
+    disk_shortfall: str | None = None
+    """Why the real build would be refused for lack of space (only a dry run gets here)."""
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -91,8 +93,11 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_output_dir(out: Path, fingerprint: str, needed_bytes: int) -> None:
-    """Refuse an output folder we cannot or must not write into (writes nothing)."""
+def check_output_dir(
+    out: Path, fingerprint: str, needed_bytes: int, dry_run: bool = False
+) -> str | None:
+    """Refuse an output folder we cannot or must not write into (writes nothing). A dry run
+    is not refused for lack of space: it gets the reason back, to print with its estimate."""
     base = _nearest_existing(out)
     if not base.is_dir():
         raise UserError(f"output {out} cannot be created: {base} is not a folder (--out)")
@@ -126,14 +131,22 @@ def check_output_dir(out: Path, fingerprint: str, needed_bytes: int) -> None:
                 )
     free = shutil.disk_usage(base).free
     if needed_bytes > free:
-        raise UserError(
+        why = (
             f"output {out} is not writable: the build needs about {needed_bytes / 1e6:.1f} MB "
             f"but {base} has {free / 1e6:.1f} MB free; free space or choose another --out"
         )
+        if not dry_run:
+            raise UserError(why)
+        return why
+    return None
 
 
 def prepare_build(
-    cfg: BuildConfig, prompts_path: Path | None, out: Path, limit: int | None = None
+    cfg: BuildConfig,
+    prompts_path: Path | None,
+    out: Path,
+    limit: int | None = None,
+    dry_run: bool = False,
 ) -> BuildRequest:
     """Every check that needs no model: prompts, config, tracker, output folder, plan."""
     if limit is not None and limit <= 0:
@@ -176,8 +189,8 @@ def prepare_build(
         raise UserError(f"tracker: {exc} (--set tracker.name=... / tracker.settings=...)") from None
     plan = make_plan(cfg, prompts, limit)
     needed = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
-    check_output_dir(out, cfg.fingerprint(), needed)
-    return BuildRequest(cfg, prompts, plan, out, limit)
+    shortfall = check_output_dir(out, cfg.fingerprint(), needed, dry_run)
+    return BuildRequest(cfg, prompts, plan, out, limit, shortfall)
 
 
 def sample_metadata(

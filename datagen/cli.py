@@ -56,7 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if rest:
             overrides.insert(1, f"source.videos_dir={rest[0]}")
     cfg = resolve_config(args.preset, args.config, overrides)
-    req = prepare_build(cfg, args.prompts, args.out, args.limit)
+    req = prepare_build(cfg, args.prompts, args.out, args.limit, dry_run=args.dry_run)
     plan = req.plan
     total = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
     cap = cfg.capture
@@ -86,6 +86,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{_human(total)} in all"
     )
     if args.dry_run:
+        if req.disk_shortfall:
+            print(
+                f"dry run: nothing written; the build itself would stop here: {req.disk_shortfall}"
+            )
+            return 0
         print("dry run: nothing written")
         return 0
     _quiet_libraries()

@@ -151,6 +151,12 @@ def test_build_larger_than_free_disk_is_refused_with_the_figure(run_cli, tmp_pat
     assert code == 2 and out == ""
     assert "the build needs about" in err and "has 1.0 MB free" in err
     assert not (tmp_path / "o").exists()
+    # A dry run still prints its estimate, and says the build would stop for lack of space.
+    code, out, err = run_cli(
+        "build", "--prompts", ROOT / "prompts", "--out", tmp_path / "o", "--dry-run"
+    )
+    assert code == 0 and "size: about" in out and "has 1.0 MB free" in out
+    assert "the build itself would stop here" in out and not (tmp_path / "o").exists()
 
 
 def test_dry_run_sizes_follow_the_capture_choice(run_cli, tmp_path):
