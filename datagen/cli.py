@@ -258,7 +258,11 @@ def make_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="score a tracker and quality control against exact ground truth (synthetic set)",
     )
-    c.add_argument("--tracker", default="lk", help="lk (default), dis, or a registered tracker")
+    c.add_argument(
+        "--tracker",
+        default="lk_recover",
+        help="lk_recover (default: the tiny preset's), lk, dis, cotracker3_offline, ...",
+    )
     c.add_argument(
         "--set",
         action="append",

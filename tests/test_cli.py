@@ -188,7 +188,8 @@ def test_calibrate_reports_all_and_kept_and_writes_json(run_cli, tmp_path):
     assert report["videos"] == 1 and report["seeds"] == [7]
     assert 0 <= report["all"]["delta_avg"] <= 100 and report["kept"]["delta_avg"] is not None
     code, _, err = run_cli("calibrate", "--set", "tracker.win_size=-3")
-    assert code == 2 and err.startswith("datagen: error: --tracker lk:")
+    assert code == 2 and err.startswith("datagen: error: --tracker lk_recover:")
+    assert report["tracker"] == "lk_recover"  # the tiny preset's tracker by default
 
 
 def test_export_writes_plain_files(run_cli, tmp_path, bank):
