@@ -183,8 +183,11 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"{exc} (build with capture.corr_layers and capture.corr_steps)") from None
     which = "all tracks" if args.all_tracks else "tracks kept by quality control"
-    print(f"matching accuracy of attention (argmax, frame 0 -> f) against {which}:")
-    print(table.markdown())
+    print(
+        f"matching accuracy of attention (argmax, frame 0 -> f) against {which} "
+        "(correct / counted: points visible on frame f that moved at least one token):"
+    )
+    print(table.markdown(counts=True))
     if args.json is not None:
         args.json.write_text(json.dumps(table.to_json(), indent=1) + "\n")
         print(f"report: {args.json}")

@@ -224,3 +224,17 @@ def test_analyse_counts_equal_a_naive_loop_over_points(tmp_path, run_cli):
         assert (got.counted, got.correct) == (n, correct[(layer, t)])
     code, text, _ = run_cli("analyse", out, "--json", tmp_path / "a.json")
     assert code == 0 and "| layer 0 |" in text and (tmp_path / "a.json").exists()
+    cell = table.rows["layer 0"][table.timesteps[0]]
+    assert f"({cell.correct}/{cell.counted})" in text
+
+
+def test_matching_table_shows_counts_and_no_percentage_without_points():
+    from datagen.analysis.matching import MatchCounts, MatchingTable
+
+    table = MatchingTable(timesteps=[500, 100])
+    table.add("layer 1", 500, MatchCounts(correct=2, counted=8))
+    table.add("layer 1", 100, MatchCounts())
+    assert (
+        table.markdown(counts=True).splitlines()[-1] == "| layer 1 | 25.0% (2/8) | n/a (0 points) |"
+    )
+    assert table.markdown().splitlines()[-1] == "| layer 1 | 25.0% | n/a |"

@@ -156,12 +156,21 @@ class MatchingTable:
             },
         }
 
-    def markdown(self) -> str:
+    def markdown(self, counts: bool = False) -> str:
+        """The table; ``counts`` adds each cell's correct / counted points (a percentage of
+        three points says little), and a cell with no counted point reads 'n/a'."""
         head = "| | " + " | ".join(f"t={t}" for t in self.timesteps) + " |"
         sep = "|---|" + "---|" * len(self.timesteps)
         lines = [head, sep]
+
+        def cell(c: MatchCounts) -> str:
+            if not c.counted:
+                return "n/a (0 points)" if counts else "n/a"
+            text = f"{100 * c.accuracy:.1f}%"
+            return f"{text} ({c.correct}/{c.counted})" if counts else text
+
         for row, cols in self.rows.items():
-            cells = [f"{100 * cols[t].accuracy:.1f}%" if t in cols else "" for t in self.timesteps]
+            cells = [cell(cols[t]) if t in cols else "" for t in self.timesteps]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
