@@ -13,7 +13,7 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,14 @@ class TokenLayout:
         ct = self.vae_compression[0]
         latent = 0 if video_frame == 0 else (video_frame + ct - 1) // ct
         return (latent + self.pad_front) // self.patch_size[0]
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TokenLayout:
+        """The layout a sample's metadata records (``to_json``; derived fields are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items() if k in names}
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

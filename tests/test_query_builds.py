@@ -26,17 +26,6 @@ CAPTURE = [
 ]
 
 
-def _layout(meta) -> TokenLayout:
-    lay = meta["layout"]
-    return TokenLayout(
-        **{
-            k: (tuple(v) if isinstance(v, list) else v)
-            for k, v in lay.items()
-            if k in TokenLayout.__dataclass_fields__
-        }
-    )
-
-
 def _features(out):
     import tarfile
 
@@ -72,7 +61,7 @@ def test_text_to_video_correspondence_rows_follow_each_videos_own_queries(tmp_pa
         assert meta["queries"]["method"] == method and meta["queries"]["count"] == 40
         assert s["queries"].shape == (40, 3) and (s["queries"][:, 0] == 0).all()
         assert meta["capture"]["corr_points"] == 40
-        layout = _layout(meta)
+        layout = TokenLayout.from_json(meta["layout"])
         q = feats[s["key"]]["q.layer001.step002"][None].float()
         k = feats[s["key"]]["k.layer001.step002"][None].float()
         ref = head_averaged_matches(q, k)[0].numpy()  # (tokens of frame 0, F)

@@ -113,3 +113,16 @@ def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_comput
                                      grid_hw=(h, w))[0]  # fmt: skip
         for name, arr in ref.items():
             np.testing.assert_allclose(got[name][0, 0], arr, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_layout_round_trips_through_sample_metadata():
+    import json
+
+    from datagen.layout import TokenLayout
+
+    lay = TokenLayout(
+        family="cogvideox1.5", num_frames=33, height=64, width=96, vae_compression=(4, 8, 8),
+        patch_size=(2, 2, 2), text_tokens=7, text_position="first", pad_front=1, rope=True,
+    )  # fmt: skip
+    back = TokenLayout.from_json(json.loads(json.dumps(lay.to_json())))
+    assert back == lay and back.token_grid == lay.token_grid

@@ -192,14 +192,7 @@ def analyse_dataset(source: Any, kept_only: bool = True) -> MatchingTable:
         meta = s["meta"]
         if not corr or "layout" not in meta:
             continue
-        lay = meta["layout"]
-        layout = TokenLayout(
-            **{
-                k: (tuple(v) if isinstance(v, list) else v)
-                for k, v in lay.items()
-                if k in TokenLayout.__dataclass_fields__
-            }
-        )
+        layout = TokenLayout.from_json(meta["layout"])
         cap = meta["capture"]
         timesteps = [cap["step_timesteps"][str(st)] for st in cap["corr_steps"]]
         if table is None:
