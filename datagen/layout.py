@@ -93,6 +93,12 @@ class TokenLayout:
         row = np.clip(np.floor(xy[..., 1] / th), 0, h - 1).astype(np.int64)
         return np.stack([row, col], axis=-1)
 
+    def token_index_of_pixel(self, xy: np.ndarray) -> np.ndarray:
+        """Index ``row * w + col`` (int64, ...) within a token frame of the token containing
+        raster points xy (..., 2)."""
+        rc = self.token_of_pixel(xy)
+        return rc[..., 0] * self.token_grid[2] + rc[..., 1]
+
     def token_centre(self, rowcol: np.ndarray) -> np.ndarray:
         """Raster (x, y) float (..., 2) of the centre of tokens (row, col) (..., 2)."""
         th, tw = self.token_pixel_size

@@ -89,7 +89,8 @@ def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_comput
         QuerySampler("random", num_queries=9).sample(h * 8, w * 8, frames, s) for s in (1, 2)
     ]
     queries[1] = np.concatenate([queries[1], [[2, 3.0, 4.0]]]).astype(np.float32)  # a later query
-    tokens, rows = corr_tokens(layout, queries)
+    tokens = corr_tokens(layout, queries)
+    rows = [token_rows(layout, tokens, q) for q in queries]
     assert tokens.numel() < 18  # shared tokens are computed once
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, heads, frames, h * w, d, generator=g)
@@ -101,7 +102,6 @@ def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_comput
     rec.begin_forward(0, 999, slice(0, 2))
     rec.record(0, q, k, kt)
     for b in range(2):
-        np.testing.assert_array_equal(rows[b], token_rows(layout, tokens, queries[b]))
         meta, corr, _ = capture_products(spec, rec, b, rows[b])
         got = safetensors.numpy.load(corr)
         first = queries[b][queries[b][:, 0] == 0]

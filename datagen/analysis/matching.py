@@ -126,8 +126,7 @@ def score_matches(
 
 def query_tokens_of(points_xy: np.ndarray, layout: TokenLayout) -> np.ndarray:
     """Frame-0 token index (row-major) of raster points (N, 2)."""
-    rc = layout.token_of_pixel(points_xy)
-    return rc[:, 0] * layout.token_grid[2] + rc[:, 1]
+    return layout.token_index_of_pixel(points_xy)
 
 
 @dataclass

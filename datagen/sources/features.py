@@ -22,7 +22,12 @@ import torch
 from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.sources.text_to_video import LazyPipeline, capture_products, corr_tokens
+from datagen.sources.text_to_video import (
+    LazyPipeline,
+    capture_products,
+    corr_tokens,
+    token_rows,
+)
 
 
 class FeaturePass(LazyPipeline):
@@ -63,7 +68,8 @@ class FeaturePass(LazyPipeline):
                 f"video is {frames.shape[0]}x{frames.shape[1]}x{frames.shape[2]}, the feature "
                 f"pass needs {g.num_frames}x{g.height}x{g.width} (generation size)"
             )
-        tokens, (rows,) = corr_tokens(layout, [queries])
+        tokens = corr_tokens(layout, [queries])
+        rows = token_rows(layout, tokens, queries)
         recorder = Recorder(self.spec, batch=1, query_tokens=tokens, token_grid=layout.token_grid)
         schedule = self.schedule()
         if self.spec.step_unit == "timestep":

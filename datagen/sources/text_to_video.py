@@ -50,39 +50,27 @@ class LazyPipeline:
         return self._pipe
 
 
-def corr_tokens(
-    layout: TokenLayout, queries: list[np.ndarray | None]
-) -> tuple[torch.Tensor, list[np.ndarray | None]]:
-    """Frame-0 tokens the online correspondence runs on, for a batch, and each video's rows.
+def frame0_tokens(layout: TokenLayout, queries: np.ndarray) -> np.ndarray:
+    """Token (index within latent frame 0) of each query on frame 0 (t == 0), in order."""
+    return layout.token_index_of_pixel(queries[first_frame_rows(queries), 1:])
+
+
+def corr_tokens(layout: TokenLayout, queries: list[np.ndarray | None]) -> torch.Tensor:
+    """Sorted distinct frame-0 tokens the online correspondence of a batch runs on.
 
     ``queries[b]``: video b's (N, 3) queries, or None when they are not known yet (sampled
-    from the generated frames): then every token of latent frame 0 is computed. Returns the
-    sorted distinct tokens (M,) and, per video, the index into them of each query on frame 0
-    (None where not known yet). Points in one token share its query, so each distinct token
-    is computed once.
+    from the generated frames): then every token of latent frame 0 is computed. Points in one
+    token share its query, so each distinct token is computed once.
     """
     _, h, w = layout.token_grid
-    per_video: list[np.ndarray | None] = []
-    for q in queries:
-        if q is None:
-            per_video.append(None)
-            continue
-        first = q[first_frame_rows(q), 1:]
-        rowcol = layout.token_of_pixel(first)
-        per_video.append((rowcol[:, 0] * w + rowcol[:, 1]).astype(np.int64))
-    if any(t is None for t in per_video):
-        tokens = np.arange(h * w, dtype=np.int64)
-    else:
-        tokens = np.unique(np.concatenate(per_video)) if per_video else np.zeros(0, np.int64)
-    rows = [None if t is None else np.searchsorted(tokens, t) for t in per_video]
-    return torch.from_numpy(tokens), rows
+    if not queries or any(q is None for q in queries):
+        return torch.arange(h * w if queries else 0, dtype=torch.long)
+    return torch.from_numpy(np.unique(np.concatenate([frame0_tokens(layout, q) for q in queries])))
 
 
 def token_rows(layout: TokenLayout, tokens: torch.Tensor, queries: np.ndarray) -> np.ndarray:
     """Index into ``tokens`` of each frame-0 query of ``queries`` (tokens must hold them)."""
-    _, _, w = layout.token_grid
-    rowcol = layout.token_of_pixel(queries[first_frame_rows(queries), 1:])
-    tok = (rowcol[:, 0] * w + rowcol[:, 1]).astype(np.int64)
+    tok = frame0_tokens(layout, queries)
     t = tokens.numpy()
     rows = np.searchsorted(t, tok)
     if rows.size and (rows.max() >= t.size or not np.array_equal(t[rows], tok)):
@@ -140,7 +128,7 @@ class TextToVideoSource(LazyPipeline):
         if self.spec.enabled:
             layout = self.layout
             assert layout is not None
-            tokens, _ = corr_tokens(layout, queries)
+            tokens = corr_tokens(layout, queries)
             recorder = Recorder(
                 self.spec,
                 batch=len(units),
