@@ -257,19 +257,17 @@ def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
 
 
 def make_source(cfg: BuildConfig, sampler: QuerySampler | None) -> Source:
-    spec = capture_spec(cfg)
-    if cfg.source.kind == "synthetic":
-        from datagen.sources.features import FeaturePass
+    if cfg.source.kind == "text-to-video":
+        assert sampler is not None
+        return TextToVideoSource(cfg, sampler)
+    from datagen.sources.features import FeaturePass
 
-        features = FeaturePass(cfg, spec) if spec.enabled else None
+    spec = capture_spec(cfg)
+    features = FeaturePass(cfg, spec) if spec.enabled else None
+    if cfg.source.kind == "synthetic":
         return SyntheticSource(cfg.source.synthetic, features, sampler)
     assert sampler is not None
-    if cfg.source.kind == "videos":
-        from datagen.sources.features import FeaturePass
-
-        features = FeaturePass(cfg, spec) if spec.enabled else None
-        return VideoFilesSource(cfg, features, sampler)
-    return TextToVideoSource(cfg, sampler)
+    return VideoFilesSource(cfg, features, sampler)
 
 
 @dataclass
