@@ -14,13 +14,16 @@ q/k (standard normal). Every variant runs in a fresh subprocess, so its memory i
   all video keys) for the forward direction and the full-sequence softmax (one product serves
   both), plus every video token x frame 0's keys for the reverse direction:
   ``2 * heads * d * (N * (L + F*T) + F * T * T)``;
-* ``matmuls alone``: only the batched matmuls compute_correspondence issues (same shapes and
-  chunks, no softmax): what the GEMM floor becomes at these shapes;
-* ``ours``: compute_correspondence (default chunks unless given); the first (cold) call gives
-  the peak memory, the time is the best of ``--repeats`` further calls (median shown too: other
-  processes on the machine add noise; on a shared 2-core machine each multi-threaded torch op
-  can wait a scheduler tick for its second thread, so compare runs at similar load averages,
-  or pass ``--threads 1`` for numbers that other processes barely move);
+* ``ours``: compute_correspondence with the fused C kernels (``fused=True``; built before the
+  timed calls); the first (cold) call gives the peak memory, the time is the best of
+  ``--repeats`` further calls (median shown too: other processes on the machine add noise; on
+  a shared 2-core machine each multi-threaded op can wait a scheduler tick for its second
+  thread, so compare runs at similar load averages, or pass ``--threads 1`` for numbers that
+  other processes barely move);
+* ``torch path``: compute_correspondence with ``fused=False`` (default chunks unless given),
+  the implementation used on GPUs and where no C compiler exists;
+* ``torch path's matmuls alone``: only the batched matmuls the torch path issues (same shapes
+  and chunks, no softmax): what the GEMM floor becomes at its shapes;
 * ``naive``: per head, the full (video queries x all keys) logit map, sliced into the full
   softmax of the queries, the frame-pair softmaxes and the reverse frame pairs; one call.
 
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from datagen.capture import fused as fused_kernels  # noqa: E402
 from datagen.capture.correspondence import (  # noqa: E402
     DEFAULT_FWD_CHUNK,
     DEFAULT_ROW_CHUNK_CPU,
@@ -206,7 +210,10 @@ def worker(a: argparse.Namespace) -> dict:
     q, k, kt, qt = make_inputs(a)
     scale = a.dim**-0.5
     torch.ones(64, 64) @ torch.ones(64, 64)  # load the BLAS and start the thread pool
-    if a.worker == "ours":
+    if a.worker in ("ours", "torch"):
+        fused = a.worker == "ours"
+        if fused:  # build (or load) the kernels outside the timed calls
+            fused_kernels.kernels()
 
         def fn():
             return compute_correspondence(
@@ -218,6 +225,7 @@ def worker(a: argparse.Namespace) -> dict:
                 row_chunk=a.row_chunk,
                 head_chunk=a.head_chunk,
                 fwd_chunk=a.fwd_chunk,
+                fused=fused,
             )
     elif a.worker == "matmuls":
 
@@ -318,6 +326,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rate0 = run_worker(a, "rate")["gflops"]
         ours = run_worker(a, "ours", save=f"{tmp}/ours.npz")
+        torch_path = run_worker(a, "torch", save=f"{tmp}/torch.npz")
         mm = run_worker(a, "matmuls")
         naive = None if a.skip_naive else run_worker(a, "naive", save=f"{tmp}/naive.npz")
         rate1 = run_worker(a, "rate")["gflops"]
@@ -338,7 +347,11 @@ def main(argv=None) -> int:
         print(head)
         print("-" * len(head))
         print(f"{'GEMM floor (matmul rate)':<34}{floor:>9.3f}{'':>10}{'':>9}{1.0:>9.2f}")
-        rows = [("matmuls alone (our shapes)", mm), ("ours: compute_correspondence", ours)]
+        rows = [
+            ("ours: compute_correspondence", ours),
+            ("torch path (fused=False)", torch_path),
+            ("torch path's matmuls alone", mm),
+        ]
         if naive:
             rows.append(("naive: per-head full map", naive))
         for label, r in rows:
@@ -361,6 +374,9 @@ def main(argv=None) -> int:
             print("\n".join(compare(ours_np, naive_np)))
         else:
             print()
+        print("ours vs torch path outputs:")
+        ours_np = dict(np.load(f"{tmp}/ours.npz"))
+        print("\n".join(compare(ours_np, dict(np.load(f"{tmp}/torch.npz")))))
         print(f"(memory measured with {ours['mem_method']})")
     return 0
 

@@ -113,10 +113,11 @@ def _assert_matches_reference(res: CorrespondenceResult, ref: dict, atol: float)
         np.testing.assert_allclose(got, ref[name], rtol=0, atol=atol, err_msg=name)
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_naive_reference_with_text(dtype):
+def test_matches_naive_reference_with_text(dtype, fused):
     q, k, kt, qt = _random_inputs(dtype)
-    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW))
+    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
     ref = naive_correspondence(q, k, qt, kt, DIM**-0.5, (GH, GW))
     _assert_matches_reference(res, ref, atol=1e-5)
     assert res.mass_text.min() > 1e-3  # the text keys really take part
@@ -137,9 +138,10 @@ def test_explicit_scale_is_used():
     _assert_matches_reference(res, ref, atol=1e-5)
 
 
-def test_fp16_inputs_match_reference_of_the_same_values():
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+def test_fp16_inputs_match_reference_of_the_same_values(fused):
     q, k, kt, qt = _random_inputs(torch.float16, seed=3)
-    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW))
+    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
     ref = naive_correspondence(q, k, qt, kt, DIM**-0.5, (GH, GW))
     _assert_matches_reference(res, ref, atol=1e-5)
     assert q.dtype == torch.float16 and k.dtype == torch.float16  # inputs untouched
@@ -174,9 +176,10 @@ def test_five_dim_inputs_and_input_tensors_unmodified():
         np.testing.assert_array_equal(value, b.to_numpy()[name], err_msg=name)
 
 
-def test_masses_sum_to_one_and_are_probabilities():
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+def test_masses_sum_to_one_and_are_probabilities(fused):
     q, k, kt, qt = _random_inputs(torch.float16, seed=6, spread=3.0)
-    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW))
+    res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
     total = res.mass_text + res.mass_own_frame + res.mass_other_frames
     torch.testing.assert_close(total, torch.ones(NQ), rtol=0, atol=1e-5)
     torch.testing.assert_close(
@@ -215,13 +218,14 @@ def _translating_scene(h, w, frames, dx, dy, heads=2, d=64, gain=400.0, seed=0):
     return (gain * k).float(), k.float()
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
 @pytest.mark.parametrize("motion", [(1, 0), (0, 1), (2, -1), (-1, 1)])
-def test_translating_pattern_is_matched_exactly(motion):
+def test_translating_pattern_is_matched_exactly(motion, fused):
     dx, dy = motion
     h, w, frames = 6, 9, 4  # h != w and dx != dy: a swapped x/y would fail
     q, k = _translating_scene(h, w, frames, dx, dy)
     qt = torch.arange(h * w)
-    res = compute_correspondence(q, k, qt, grid_hw=(h, w))
+    res = compute_correspondence(q, k, qt, grid_hw=(h, w), fused=fused)
     xs, ys = qt % w, qt // w
     grid = token_grid_xy(h, w)
     checked_fwd = checked_rev = 0
@@ -278,10 +282,11 @@ def test_shape_errors():
             compute_correspondence(q, k, qt, grid_hw=(GH, GW), **bad)
 
 
-def test_empty_queries():
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+def test_empty_queries(fused):
     q, k, kt, _ = _random_inputs(torch.float32)
     res = compute_correspondence(
-        q, k, torch.zeros(0, dtype=torch.long), k_text=kt, grid_hw=(GH, GW)
+        q, k, torch.zeros(0, dtype=torch.long), k_text=kt, grid_hw=(GH, GW), fused=fused
     )
     assert res.match_forward.shape == (0, FRAMES) and res.mass_text.shape == (0,)
     assert res.match_reverse.shape == (FRAMES, GH * GW)

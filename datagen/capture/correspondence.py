@@ -37,34 +37,45 @@ What is computed (``N`` query tokens on latent frame 0, ``F`` frames, ``T = h * 
 
 Cost and memory
 ---------------
-Logits are computed in float32 (float64 when an input is float64), a block at a time, with the
-softmax scale folded into one float copy of the keys:
+Two implementations give the same results (to float rounding; the tests hold both to a naive
+float64 reference):
 
-* forward + full sequence, for blocks of ``fwd_chunk`` query tokens, frame by frame: the
-  ``heads x fwd_chunk x T`` logits against frame ``f``, their frame-pair softmax (kept for
-  every frame: ``F x heads x fwd_chunk x T``), its head mean (match, max, soft-argmax) and each
-  head's log-sum-exp over the frame (``lse = max logit - log(max prob)``, exact). Once all
-  frames (and the text keys) are done, the per-head log-sum-exp over the whole sequence gives
-  each frame's share of the full softmax, and the full-sequence probability of a token of
-  frame ``f`` is ``P_pair * exp(lse_h(f) - lse_h(all))``: both directions come from one pass
-  of logits, with no second matmul;
-* reverse, for blocks of ``row_chunk`` video query rows (any frames) and ``head_chunk`` heads:
-  the logits against frame 0's keys, softmax, head sum (accumulated), argmax.
+* **Fused kernels** (default on the CPU for float32 / float16 / bfloat16 inputs; see
+  :mod:`datagen.capture.fused`): C code built at first use. Groups of query rows go through
+  every head: a register-blocked GEMM writes the group's logits for one head into a cache-sized
+  buffer (keeping each row's maximum), and the softmax, the head sums and the per-frame sums
+  are taken from it at once; one exponential per logit. The reverse direction keeps a group's
+  head sums in cache and writes only the argmax; the forward direction adds each head's
+  frame-pair and full-sequence probabilities into ``(N, F, T)`` sums, from which torch takes
+  the argmax, maxima and soft-argmax. Extra memory: the packed keys (``heads x (L + F*T) x d``
+  float32, 136 MB at CogVideoX-2B size), the two ``(N, F, T)`` sums (28 MB each for 400
+  queries) and a few MB of buffers per thread: about 200 MB there.
+* **torch path** (``fused=False``, CUDA tensors, float64, or where no C compiler is found):
+  logits in float32 (float64 when an input is float64), a block at a time, with the softmax
+  scale folded into one float copy of the keys:
 
-The matmul work is the minimum the outputs need, ``2 * heads * d * (N * (L + F*T) + F*T*T)``
-FLOPs; on top of it comes one ``exp`` per logit (inside ``torch.softmax``). Extra memory is the
-float copy of the keys (``heads x F*T x d``), the forward block (``F x heads x fwd_chunk x T``)
-and two reverse blocks (``head_chunk x row_chunk x T``): about 450 MB at CogVideoX-2B size with
-the defaults (the key copy 135 MB, the forward block 270 MB; the reverse block, ~20 MB, fits a
-CPU's last-level cache). Whole-layer
-maps (``heads x tokens x tokens``, 37 GB there) never exist. ``head_chunk=1`` with
-``row_chunk=256`` keeps the block smaller still and was ~15% faster on an idle 2-core CPU, but
-issues 30 times more (small) operations, which is much slower when other processes share the
-CPU; hence the all-heads default.
+  - forward + full sequence, for blocks of ``fwd_chunk`` query tokens, frame by frame: the
+    ``heads x fwd_chunk x T`` logits against frame ``f``, their frame-pair softmax (kept for
+    every frame: ``F x heads x fwd_chunk x T``), its head mean (match, max, soft-argmax) and
+    each head's log-sum-exp over the frame (``lse = max logit - log(max prob)``, exact). Once
+    all frames (and the text keys) are done, the per-head log-sum-exp over the whole sequence
+    gives each frame's share of the full softmax, and the full-sequence probability of a token
+    of frame ``f`` is ``P_pair * exp(lse_h(f) - lse_h(all))``: both directions come from one
+    pass of logits, with no second matmul;
+  - reverse, for blocks of ``row_chunk`` video query rows (any frames) and ``head_chunk``
+    heads: the logits against frame 0's keys, softmax, head sum (accumulated), argmax.
 
-Only device-agnostic torch operations are used: CUDA tensors are processed on their device
-(default reverse blocks of 1024 rows there; float32 matmuls follow
-``torch.backends.cuda.matmul.allow_tf32``, off by default), and results come back on the CPU.
+  Extra memory is the float copy of the keys (``heads x F*T x d``), the forward block (``F x
+  heads x fwd_chunk x T``) and two reverse blocks (``head_chunk x row_chunk x T``): about 450
+  MB at CogVideoX-2B size with the defaults. Only device-agnostic torch operations are used:
+  CUDA tensors are processed on their device (default reverse blocks of 1024 rows there;
+  float32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``, off by default), and
+  results come back on the CPU.
+
+Either way the matmul work is the minimum the outputs need, ``2 * heads * d * (N * (L + F*T) +
+F*T*T)`` FLOPs, plus one ``exp`` per logit; whole-layer maps (``heads x tokens x tokens``, 37 GB
+at CogVideoX-2B size) never exist. ``scripts/bench_correspondence.py`` measures both paths
+against the GEMM floor.
 """
 
 from __future__ import annotations
@@ -73,6 +84,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from datagen.capture import fused as fused_kernels
 
 __all__ = [
     "CorrespondenceResult",
@@ -233,6 +246,7 @@ def compute_correspondence(
     grid_hw: tuple[int, int] | None = None,
     head_chunk: int | None = None,
     fwd_chunk: int = DEFAULT_FWD_CHUNK,
+    fused: bool | None = None,
 ) -> CorrespondenceResult:
     """Forward/reverse matches, confidence and attention mass for one layer; see the module doc.
 
@@ -246,6 +260,9 @@ def compute_correspondence(
         grid_hw: ``(h, w)``, required for 4-D inputs (inferred from 5-D ones).
         head_chunk: heads per reverse block, default all.
         fwd_chunk: query tokens per forward block (default 128).
+        fused: use the fused C kernels after each logit GEMM (:mod:`datagen.capture.fused`):
+            None (default) when they are available and the work is float32 on the CPU, True
+            to require them (RuntimeError when unavailable), False for the torch path.
 
     The chunk sizes only bound the working memory and set the speed; results do not depend on
     them beyond float rounding.
@@ -256,6 +273,7 @@ def compute_correspondence(
     Raises:
         ValueError: inconsistent shapes or devices, ``query_tokens`` not 1-D integers in
             ``[0, h*w)``, chunk sizes that are not positive ints.
+        RuntimeError: ``fused=True`` where the fused kernels cannot run.
         TypeError: q/k/k_text that are not floating-point tensors.
     """
     q, k, h, w = _video_shapes(q_video, k_video, grid_hw)
@@ -283,34 +301,105 @@ def compute_correspondence(
         if k_text.shape[1] == 0:
             k_text = None
     qt = _query_tokens(query_tokens, tokens, device)
-    n_queries = qt.numel()
     scale = d**-0.5 if scale is None else float(scale)
 
     dtypes = [q.dtype, k.dtype] + ([k_text.dtype] if k_text is not None else [])
     cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    eligible = cpu and all(dt in fused_kernels.DTYPES for dt in dtypes)
+    if _use_fused(fused, eligible):
+        fwd = _forward_fused(q, k, k_text, qt, scale, h, w)
+        match_reverse = _reverse_fused(q, k, scale)
+    else:
+        # Scaled keys in the compute dtype, once (a copy: the caller's tensors are untouched).
+        k_all = k.reshape(heads, num_frames * tokens, d).to(cdtype, copy=True).mul_(scale)
+        kt_t = None
+        if k_text is not None:
+            kt_t = k_text.to(cdtype, copy=True).mul_(scale).transpose(1, 2)  # (heads, d, L)
+        layer = _Layer(
+            q=q,
+            k_all_t=k_all.transpose(1, 2),  # (heads, d, F*T), a view: BLAS takes it transposed
+            kt_t=kt_t,
+            grid=token_grid_xy(h, w, device=device, dtype=cdtype),
+            cdtype=cdtype,
+        )
+        fwd = _forward_torch(layer, qt, fwd_chunk)
+        match_reverse = _reverse_torch(layer, row_chunk, head_chunk)
+    match_forward, match_prob, soft_forward, confidence, mass_per_frame, mass_text = fwd
 
-    # Scaled keys in the compute dtype, once (a copy: the caller's tensors are never modified).
-    k_all = k.reshape(heads, num_frames * tokens, d).to(cdtype, copy=True).mul_(scale)
-    k_all_t = k_all.transpose(1, 2)  # (heads, d, F*T), a view: BLAS takes it transposed
-    k0_t = k_all[:, :tokens].transpose(1, 2)  # (heads, d, T)
-    kt_t = None
-    if k_text is not None:
-        kt_t = k_text.to(cdtype, copy=True).mul_(scale).transpose(1, 2)  # (heads, d, L)
-    grid = token_grid_xy(h, w, device=device, dtype=cdtype)
+    def out(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device="cpu")
+        return t if t.dtype == torch.long else t.to(torch.float32)
 
-    # ---- forward matching + full-sequence attention of the query tokens ---------------------
+    return CorrespondenceResult(
+        match_forward=out(match_forward),
+        soft_forward=out(soft_forward),
+        match_prob=out(match_prob),
+        match_reverse=out(match_reverse.view(num_frames, tokens)),
+        confidence=out(confidence),
+        mass_text=out(mass_text),
+        mass_own_frame=out(mass_per_frame[:, 0]),
+        mass_other_frames=out(mass_per_frame[:, 1:].sum(dim=-1)),
+        mass_per_frame=out(mass_per_frame),
+        grid_hw=(h, w),
+    )
+
+
+def _use_fused(fused: bool | None, eligible: bool) -> bool:
+    """Whether to run the fused kernels (see compute_correspondence's ``fused``)."""
+    if fused is False:
+        return False
+    if fused is True:
+        if not eligible:
+            raise RuntimeError("fused correspondence kernels take float32 work on the CPU only")
+        if fused_kernels.kernels() is None:
+            raise RuntimeError(
+                "fused correspondence kernels are unavailable (no C compiler, a failed build, "
+                "or DATAGEN_FUSED=0); pass fused=None to fall back to the torch path"
+            )
+        return True
+    return eligible and fused_kernels.kernels() is not None
+
+
+@dataclass
+class _Layer:
+    """One layer's inputs in the compute dtype, shared by the forward and reverse passes."""
+
+    q: torch.Tensor  # (heads, F, T, d), input dtype
+    k_all_t: torch.Tensor  # (heads, d, F*T) scaled keys
+    kt_t: torch.Tensor | None  # (heads, d, L) scaled text keys
+    grid: torch.Tensor  # (T, 2) token centres
+    cdtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        heads, frames, tokens, d = self.q.shape
+        return heads, frames, tokens, d
+
+    def empty(self, *shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.cdtype, device=self.q.device)
+
+
+def _balanced(n: int, chunk: int) -> int:
+    """Block size <= chunk that splits n items into equal blocks (400 by 128 -> 4 x 100)."""
+    n = max(1, n)
+    return -(-n // -(-n // chunk))
+
+
+def _forward_torch(layer: _Layer, qt: torch.Tensor, fwd_chunk: int) -> tuple[torch.Tensor, ...]:
+    """Forward matching + full-sequence attention of the query tokens, torch operations only."""
+    heads, num_frames, tokens, _ = layer.shape
+    device, cdtype, kt_t, grid = layer.q.device, layer.cdtype, layer.kt_t, layer.grid
+    n_queries = qt.numel()
+    empty = layer.empty
     match_forward = torch.empty(n_queries, num_frames, dtype=torch.long, device=device)
-    match_prob = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
-    soft_forward = torch.empty(n_queries, num_frames, 2, dtype=cdtype, device=device)
-    confidence = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
-    mass_per_frame = torch.empty(n_queries, num_frames, dtype=cdtype, device=device)
+    match_prob = empty(n_queries, num_frames)
+    soft_forward = empty(n_queries, num_frames, 2)
+    confidence = empty(n_queries, num_frames)
+    mass_per_frame = empty(n_queries, num_frames)
     mass_text = torch.zeros(n_queries, dtype=cdtype, device=device)
 
-    def empty(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, dtype=cdtype, device=device)
-
     # Buffers are allocated once and reused: fresh multi-MB allocations cost page faults.
-    block = min(fwd_chunk, max(1, n_queries))
+    block = _balanced(n_queries, fwd_chunk)
     scores = empty(heads, block, tokens)  # one frame's logits
     probs = empty(num_frames, heads, block, tokens)  # frame-pair softmax of every frame
     head_sum = empty(num_frames, block, tokens)
@@ -318,13 +407,13 @@ def compute_correspondence(
     p_max = empty(num_frames, heads, block)
     full_mean = empty(block, 1, tokens)
     ones = torch.ones(1, heads, dtype=cdtype, device=device)
-    q_sel = q[:, 0].index_select(1, qt)  # (heads, N, d), input dtype
+    q_sel = layer.q[:, 0].index_select(1, qt)  # (heads, N, d), input dtype
     for n0 in range(0, n_queries, block):
         n1 = min(n0 + block, n_queries)
         c = n1 - n0
         qc = q_sel[:, n0:n1].to(cdtype)
         for f in range(num_frames):
-            k_f = k_all_t[:, :, f * tokens : (f + 1) * tokens]
+            k_f = layer.k_all_t[:, :, f * tokens : (f + 1) * tokens]
             s = torch.bmm(qc, k_f, out=scores[:, :c])
             torch.amax(s, dim=-1, out=s_max[f, :, :c])
             p = torch.softmax(s, dim=-1, out=probs[f, :, :c])
@@ -354,22 +443,43 @@ def compute_correspondence(
             p_f = probs[f, :, :c].transpose(0, 1)  # (c, heads, T), a strided view
             out_f = torch.bmm(weights[f].unsqueeze(1), p_f, out=full_mean[:c])
             confidence[n0:n1, f] = out_f.squeeze(1).amax(dim=-1)
-    del scores, probs, head_sum, full_mean
+    return match_forward, match_prob, soft_forward, confidence, mass_per_frame, mass_text
 
-    # ---- reverse matching: every video token -> frame 0 --------------------------------------
+
+def _forward_fused(q, k, k_text, qt, scale, h, w) -> tuple[torch.Tensor, ...]:
+    """As :func:`_forward_torch`, with the fused C kernel (GEMM and softmaxes in cache)."""
+    heads, num_frames, tokens, d = q.shape
+    kp = fused_kernels.pack_keys(k.reshape(heads, num_frames * tokens, d), k_text, scale)
+    text = 0 if k_text is None else k_text.shape[1]
+    q_sel = q[:, 0].index_select(1, qt).contiguous()  # (heads, N, d)
+    pair, full, mass = fused_kernels.forward(q_sel, kp, text, num_frames, tokens)
+    pair /= heads
+    match_prob, match_forward = pair.max(dim=-1)
+    soft_forward = torch.matmul(pair, token_grid_xy(h, w))
+    confidence = full.amax(dim=-1) / heads
+    mass /= heads
+    return match_forward, match_prob, soft_forward, confidence, mass[:, 1:], mass[:, 0]
+
+
+def _reverse_torch(layer: _Layer, row_chunk: int, head_chunk: int) -> torch.Tensor:
+    """Reverse matching, every video token -> frame 0, torch operations only: (F*T,) long."""
+    heads, num_frames, tokens, d = layer.shape
+    empty = layer.empty
+    k0_t = layer.k_all_t[:, :, :tokens]  # (heads, d, T)
+    ones = torch.ones(1, heads, dtype=layer.cdtype, device=layer.q.device)
     # Blocks of rows x head_chunk heads; the head sum of the probabilities accumulates in acc.
-    q_rows = q.reshape(heads, num_frames * tokens, d)
+    q_rows = layer.q.reshape(heads, num_frames * tokens, d)
     n_rows = num_frames * tokens
     rows = min(row_chunk, n_rows)
     hg = min(head_chunk, heads)
     scores = empty(hg, rows, tokens)
     probs = empty(hg, rows, tokens)
     head_sum = empty(rows * tokens)
-    match_reverse = torch.empty(n_rows, dtype=torch.long, device=device)
+    match_reverse = torch.empty(n_rows, dtype=torch.long, device=layer.q.device)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         c = r1 - r0
-        qc = q_rows[:, r0:r1].to(cdtype)
+        qc = q_rows[:, r0:r1].to(layer.cdtype)
         acc = head_sum[: c * tokens]
         for h0 in range(0, heads, hg):
             h1 = min(h0 + hg, heads)
@@ -386,21 +496,12 @@ def compute_correspondence(
                 acc.view(1, -1).addmm_(ones[:, :g], p)
         # the head sum and the head mean share their argmax
         torch.argmax(acc.view(c, tokens), dim=-1, out=match_reverse[r0:r1])
-    del scores, probs, head_sum
+    return match_reverse
 
-    def out(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device="cpu")
-        return t if t.dtype == torch.long else t.to(torch.float32)
 
-    return CorrespondenceResult(
-        match_forward=out(match_forward),
-        soft_forward=out(soft_forward),
-        match_prob=out(match_prob),
-        match_reverse=out(match_reverse.view(num_frames, tokens)),
-        confidence=out(confidence),
-        mass_text=out(mass_text),
-        mass_own_frame=out(mass_per_frame[:, 0]),
-        mass_other_frames=out(mass_per_frame[:, 1:].sum(dim=-1)),
-        mass_per_frame=out(mass_per_frame),
-        grid_hw=(h, w),
-    )
+def _reverse_fused(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """As :func:`_reverse_torch`, with the fused C kernel (GEMM and softmax in cache)."""
+    heads, num_frames, tokens, d = q.shape
+    kp = fused_kernels.pack_keys(k[:, 0], None, scale)
+    q_rows = q.reshape(heads, num_frames * tokens, d).contiguous()
+    return fused_kernels.reverse(q_rows, kp, tokens)
