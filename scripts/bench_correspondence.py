@@ -9,7 +9,10 @@ tokens), 30 heads of 64 channels, 226 text tokens; 400 query points. Inputs are 
 q/k (standard normal). Every variant runs in a fresh subprocess, so its memory is its own:
 
 * ``matmul rate``: best of a few 3072^3 float32 torch.matmul calls, measured before and after
-  the other variants (the larger is used: the floor is never flattered);
+  the other variants (the larger is used: the floor is never flattered), and again right
+  before every timed call of ours and of the torch path: each call's time over the floor from
+  that rate is printed too (the machine's speed drifts by 20% between runs when it is shared;
+  these paired ratios do not);
 * ``GEMM floor``: the FLOPs of the matmuls the outputs need, over that rate: queries x (text +
   all video keys) for the forward direction and the full-sequence softmax (one product serves
   both), plus every video token x frame 0's keys for the reverse direction:
@@ -239,7 +242,12 @@ def worker(a: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown worker {a.worker}")
     with PeakMemory() as mem:
         cold, out = timed(fn)
-    times = [timed(fn)[0] for _ in range(a.repeats if a.worker != "naive" else 0)] or [cold]
+    times, rates = [], []
+    for _ in range(a.repeats if a.worker != "naive" else 0):
+        # the matmul rate right before each timed call: a same-run baseline for its ratio
+        rates.append(matmul_rate(calls=2))
+        times.append(timed(fn)[0])
+    times = times or [cold]
     if a.save and out is not None:
         arrays = out.to_numpy() if hasattr(out, "to_numpy") else out
         np.savez(a.save, **arrays)
@@ -249,6 +257,8 @@ def worker(a: argparse.Namespace) -> dict:
         "median": statistics.median(times),
         "extra_mib": mem.extra / 2**20,
         "mem_method": mem.method,
+        "times": times,
+        "rates": rates,
     }
 
 
@@ -361,6 +371,16 @@ def main(argv=None) -> int:
                 f"{r['best'] / floor:>9.2f}{vs_naive}{r['extra_mib']:>11.1f}"
             )
         print()
+        fwd_rev = fwd + rev
+        for label, r in (("ours", ours), ("torch path", torch_path)):
+            ratios = sorted(
+                t * g * 1e9 / fwd_rev for t, g in zip(r["times"], r["rates"], strict=True)
+            )
+            print(
+                f"{label}: each timed call / the floor from the matmul rate measured just before "
+                f"it: {' '.join(f'{x:.2f}' for x in ratios)} (median "
+                f"{statistics.median(ratios):.2f})"
+            )
         print(f"ours / floor = {ours['best'] / floor:.2f}", end="")
         if naive:
             print(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from datagen.capture import fused as fused_kernels
 from datagen.capture.correspondence import (
     CorrespondenceResult,
     compute_correspondence,
@@ -14,6 +15,18 @@ from datagen.capture.correspondence import (
 )
 
 HEADS, FRAMES, GH, GW, DIM, TEXT, NQ = 3, 4, 5, 6, 8, 7, 10
+PATHS = pytest.mark.parametrize(
+    "fused",
+    [
+        pytest.param(
+            True,
+            id="fused",
+            marks=pytest.mark.skipif(fused_kernels._compiler() is None, reason="no C compiler"),
+        ),
+        pytest.param(False, id="torch-path"),
+    ],
+)
+"""Run a test on both implementations (the fused kernels are built with this machine's cc)."""
 NUMPY_KEYS = {
     "match_forward": (np.int32, (NQ, FRAMES)),
     "soft_forward": (np.float32, (NQ, FRAMES, 2)),
@@ -113,9 +126,11 @@ def _assert_matches_reference(res: CorrespondenceResult, ref: dict, atol: float)
         np.testing.assert_allclose(got, ref[name], rtol=0, atol=atol, err_msg=name)
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+@PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_naive_reference_with_text(dtype, fused):
+    if fused and dtype == torch.float64:
+        pytest.skip("float64 work always runs on the torch path")
     q, k, kt, qt = _random_inputs(dtype)
     res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
     ref = naive_correspondence(q, k, qt, kt, DIM**-0.5, (GH, GW))
@@ -138,7 +153,7 @@ def test_explicit_scale_is_used():
     _assert_matches_reference(res, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+@PATHS
 def test_fp16_inputs_match_reference_of_the_same_values(fused):
     q, k, kt, qt = _random_inputs(torch.float16, seed=3)
     res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
@@ -176,7 +191,7 @@ def test_five_dim_inputs_and_input_tensors_unmodified():
         np.testing.assert_array_equal(value, b.to_numpy()[name], err_msg=name)
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+@PATHS
 def test_masses_sum_to_one_and_are_probabilities(fused):
     q, k, kt, qt = _random_inputs(torch.float16, seed=6, spread=3.0)
     res = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW), fused=fused)
@@ -218,7 +233,7 @@ def _translating_scene(h, w, frames, dx, dy, heads=2, d=64, gain=400.0, seed=0):
     return (gain * k).float(), k.float()
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+@PATHS
 @pytest.mark.parametrize("motion", [(1, 0), (0, 1), (2, -1), (-1, 1)])
 def test_translating_pattern_is_matched_exactly(motion, fused):
     dx, dy = motion
@@ -282,7 +297,7 @@ def test_shape_errors():
             compute_correspondence(q, k, qt, grid_hw=(GH, GW), **bad)
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "torch-path"])
+@PATHS
 def test_empty_queries(fused):
     q, k, kt, _ = _random_inputs(torch.float32)
     res = compute_correspondence(

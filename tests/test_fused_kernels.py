@@ -171,3 +171,46 @@ def test_a_frame_far_below_the_row_maximum_keeps_full_precision():
     # the tolerance is 1e-4 here; without the rare path frame 2 would be 0/0 = nan
     _assert_matches_reference(res, ref, atol=1e-4)
     assert torch.all(res.match_prob[:, 2] > 1.5 / tokens)
+
+
+def _child_uses_the_pool(conn) -> None:
+    conn.send(fused._parallel(lambda a, b: (a, b), 8, 2))
+
+
+def test_a_forked_child_gets_its_own_thread_pool():
+    """A child forked after the parent used the pool inherits the pool object but not its
+    threads; without the at-fork reset, its first task would wait forever. (torch's own
+    OpenMP pool has the same problem with fork, for every torch op: use spawn for workers.)"""
+    import multiprocessing as mp
+
+    assert fused._parallel(lambda a, b: (a, b), 8, 2) == [(i, i + 1) for i in range(8)]
+    assert 2 in fused._pools
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_uses_the_pool, args=(send,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the inherited thread pool")
+    assert child.exitcode == 0
+    assert recv.recv() == [(i, i + 1) for i in range(8)]
+
+
+def test_default_path_depends_on_the_amount_of_work(monkeypatch):
+    calls = []
+    real = fused.reverse
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "reverse", spy)
+    q, k, kt, qt = _random_inputs(torch.float16, seed=15)  # ~20 k multiply-adds: torch path
+    small = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW))
+    assert calls == []
+    monkeypatch.setattr("datagen.capture.correspondence.FUSED_MIN_WORK", 0)
+    big = compute_correspondence(q, k, qt, k_text=kt, grid_hw=(GH, GW))
+    assert calls == [1]
+    assert torch.equal(small.match_reverse, big.match_reverse)
+    torch.testing.assert_close(small.confidence, big.confidence, rtol=0, atol=1e-6)

@@ -100,6 +100,9 @@ DEFAULT_ROW_CHUNK_GPU = 1024
 """Video query rows per reverse-direction block on other devices."""
 DEFAULT_FWD_CHUNK = 128
 """Query tokens per forward block."""
+FUSED_MIN_WORK = 4_000_000
+"""Multiply-adds of a layer's logits from which ``fused=None`` picks the fused kernels (2 ms
+vs 1.3 ms on the torch path at 0.1 M, 2 ms vs 4.5 ms at 7.5 M, on a 2-core CPU)."""
 
 
 def token_grid_xy(
@@ -260,9 +263,10 @@ def compute_correspondence(
         grid_hw: ``(h, w)``, required for 4-D inputs (inferred from 5-D ones).
         head_chunk: heads per reverse block, default all.
         fwd_chunk: query tokens per forward block (default 128).
-        fused: use the fused C kernels after each logit GEMM (:mod:`datagen.capture.fused`):
-            None (default) when they are available and the work is float32 on the CPU, True
-            to require them (RuntimeError when unavailable), False for the torch path.
+        fused: use the fused C kernels (:mod:`datagen.capture.fused`): None (default) when
+            they are available, the inputs are float32/float16/bfloat16 CPU tensors and the
+            layer has at least ``FUSED_MIN_WORK`` multiply-adds of logits; True to require
+            them (RuntimeError when they cannot run); False for the torch path.
 
     The chunk sizes only bound the working memory and set the speed; results do not depend on
     them beyond float rounding.
@@ -306,7 +310,9 @@ def compute_correspondence(
     dtypes = [q.dtype, k.dtype] + ([k_text.dtype] if k_text is not None else [])
     cdtype = torch.float64 if torch.float64 in dtypes else torch.float32
     eligible = cpu and all(dt in fused_kernels.DTYPES for dt in dtypes)
-    if _use_fused(fused, eligible):
+    n_text = 0 if k_text is None else k_text.shape[1]
+    work = heads * d * (num_frames * tokens * tokens + qt.numel() * (n_text + num_frames * tokens))
+    if _use_fused(fused, eligible, work):
         fwd = _forward_fused(q, k, k_text, qt, scale, h, w)
         match_reverse = _reverse_fused(q, k, scale)
     else:
@@ -344,8 +350,12 @@ def compute_correspondence(
     )
 
 
-def _use_fused(fused: bool | None, eligible: bool) -> bool:
-    """Whether to run the fused kernels (see compute_correspondence's ``fused``)."""
+def _use_fused(fused: bool | None, eligible: bool, work: int) -> bool:
+    """Whether to run the fused kernels (see compute_correspondence's ``fused``).
+
+    By default only from FUSED_MIN_WORK multiply-adds: below, their fixed costs (thread hand-off,
+    key packing) outweigh what they save (tiny-preset layers are ~0.1 M).
+    """
     if fused is False:
         return False
     if fused is True:
@@ -357,7 +367,7 @@ def _use_fused(fused: bool | None, eligible: bool) -> bool:
                 "or DATAGEN_FUSED=0); pass fused=None to fall back to the torch path"
             )
         return True
-    return eligible and fused_kernels.kernels() is not None
+    return eligible and work >= FUSED_MIN_WORK and fused_kernels.kernels() is not None
 
 
 @dataclass

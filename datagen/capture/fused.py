@@ -96,7 +96,11 @@ def _build(cc: str, out: Path) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         cmd = [cc, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            os.unlink(tmp)
+            raise RuntimeError(f"{cc} did not build {SOURCE.name} within 300 s") from None
         if proc.returncode == 0:
             os.replace(tmp, out)
             return
@@ -123,9 +127,15 @@ def _self_test(lib: ctypes.CDLL) -> None:
         and torch.allclose(mass[:, 1:], full.sum(-1), atol=1e-5)
     )
     k0 = k[:, text : text + tokens]
-    rev = _run_reverse(lib, q, _pack(lib, k0, None, 1.0, threads=2), tokens, threads=2, group=7)
+    kp0 = _pack(lib, k0, None, 1.0, threads=2)
+    rev = _run_reverse(lib, q, kp0, tokens, threads=2, group=7)
     ref = torch.softmax(q @ k0.transpose(1, 2), -1).sum(0).argmax(-1)
-    if not (ok and torch.equal(rev, ref)):
+    ok = ok and torch.equal(rev, ref)
+    for dtype in (torch.float16, torch.bfloat16):  # the in-kernel conversions
+        qh = q.to(dtype)
+        rev = _run_reverse(lib, qh, kp0, tokens, threads=1)
+        ok = ok and torch.equal(rev, torch.softmax(qh.float() @ k0.mT, -1).sum(0).argmax(-1))
+    if not ok:
         raise RuntimeError("built kernels disagree with torch on the self-test")
 
 
@@ -167,26 +177,37 @@ def kernels() -> ctypes.CDLL | None:
         return lib
 
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _split(n: int, threads: int) -> list[tuple[int, int]]:
-    parts = max(1, min(threads, n))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+def _forget_pools() -> None:
+    """A forked child inherits the pool objects but not their threads: start new ones there."""
+    _pools.clear()
 
 
-def _parallel(fn, n: int, threads: int) -> list:
-    """fn(i0, i1) over contiguous ranges of range(n), one per thread; ctypes calls drop the GIL."""
-    global _pool
-    spans = _split(n, threads)
-    if not spans:
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk, n)) for i in range(0, n, max(1, chunk))]
+
+
+def _parallel(fn, n: int, threads: int, chunk: int | None = None) -> list:
+    """fn(i0, i1) over ranges of range(n) on ``threads`` threads; ctypes calls drop the GIL.
+
+    The ranges (``chunk`` long, default about a quarter of a thread's share) are handed out as
+    threads become free, so a core slowed by another process does not hold the others up.
+    """
+    if n <= 0:
         return []
-    if len(spans) == 1:
-        return [fn(*spans[0])]
-    if _pool is None or _pool._max_workers < len(spans):  # noqa: SLF001
-        _pool = ThreadPoolExecutor(max_workers=len(spans), thread_name_prefix="datagen-corr")
-    return [fut.result() for fut in [_pool.submit(fn, a, b) for a, b in spans]]
+    if threads <= 1:
+        return [fn(0, n)]
+    spans = _spans(n, chunk or -(-n // (4 * threads)))
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="datagen-corr")
+    return [fut.result() for fut in [pool.submit(fn, a, b) for a, b in spans]]
 
 
 def _input(t: torch.Tensor, name: str) -> int:
@@ -250,7 +271,8 @@ def _run_reverse(
             buf.data_ptr(), out.data_ptr(),
         )  # fmt: skip
 
-    _parallel(work, rows, threads)
+    share = -(-rows // (4 * max(1, threads)))  # a quarter of a thread's rows, whole groups
+    _parallel(work, rows, threads, chunk=-(-share // group) * group)
     return out
 
 
@@ -274,15 +296,18 @@ def _run_forward(
     full = torch.zeros(rows, frames, tokens)
     mass = torch.zeros(rows, frames + 1)
 
+    # on several threads each range is one group (the keys are read once per range)
+    chunk = max(1, min(2 * group, -(-rows // (4 * threads)))) if threads > 1 else group
+
     def work(r0: int, r1: int) -> None:
-        g = max(1, min(group, r1 - r0))
+        g = max(1, min(chunk, r1 - r0))
         buf = torch.empty(g * (padded + d + 9) + 2 * frames)
         lib.dg_forward(
             q.data_ptr(), code, kp.data_ptr(), heads, rows, d, text, frames, tokens, padded,
             r0, r1, g, buf.data_ptr(), pair.data_ptr(), full.data_ptr(), mass.data_ptr(),
         )  # fmt: skip
 
-    _parallel(work, rows, threads)
+    _parallel(work, rows, threads, chunk=chunk)
     return pair, full, mass
 
 
