@@ -268,8 +268,8 @@ def compute_correspondence(
             layer has at least ``FUSED_MIN_WORK`` multiply-adds of logits; True to require
             them (RuntimeError when they cannot run); False for the torch path.
 
-    The chunk sizes only bound the working memory and set the speed; results do not depend on
-    them beyond float rounding.
+    The chunk sizes (torch path only; the fused kernels size their own groups) only bound the
+    working memory and set the speed; results do not depend on them beyond float rounding.
 
     Returns:
         A :class:`CorrespondenceResult` of CPU tensors.
