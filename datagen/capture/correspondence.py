@@ -103,6 +103,9 @@ DEFAULT_FWD_CHUNK = 128
 FUSED_MIN_WORK = 4_000_000
 """Multiply-adds of a layer's logits from which ``fused=None`` picks the fused kernels (2 ms
 vs 1.3 ms on the torch path at 0.1 M, 2 ms vs 4.5 ms at 7.5 M, on a 2-core CPU)."""
+FUSED_PARALLEL_WORK = 32_000_000
+"""Multiply-adds from which the fused kernels use all torch threads; below, handing work to
+threads costs more than it saves (a tiny-preset layer: 1.0 ms on one thread, 1.5 ms on two)."""
 
 
 def token_grid_xy(
@@ -313,8 +316,9 @@ def compute_correspondence(
     n_text = 0 if k_text is None else k_text.shape[1]
     work = heads * d * (num_frames * tokens * tokens + qt.numel() * (n_text + num_frames * tokens))
     if _use_fused(fused, eligible, work):
-        fwd = _forward_fused(q, k, k_text, qt, scale, h, w)
-        match_reverse = _reverse_fused(q, k, scale)
+        threads = 1 if work < FUSED_PARALLEL_WORK else torch.get_num_threads()
+        fwd = _forward_fused(q, k, k_text, qt, scale, h, w, threads)
+        match_reverse = _reverse_fused(q, k, scale, threads)
     else:
         # Scaled keys in the compute dtype, once (a copy: the caller's tensors are untouched).
         k_all = k.reshape(heads, num_frames * tokens, d).to(cdtype, copy=True).mul_(scale)
@@ -456,13 +460,14 @@ def _forward_torch(layer: _Layer, qt: torch.Tensor, fwd_chunk: int) -> tuple[tor
     return match_forward, match_prob, soft_forward, confidence, mass_per_frame, mass_text
 
 
-def _forward_fused(q, k, k_text, qt, scale, h, w) -> tuple[torch.Tensor, ...]:
+def _forward_fused(q, k, k_text, qt, scale, h, w, threads) -> tuple[torch.Tensor, ...]:
     """As :func:`_forward_torch`, with the fused C kernel (GEMM and softmaxes in cache)."""
     heads, num_frames, tokens, d = q.shape
-    kp = fused_kernels.pack_keys(k.reshape(heads, num_frames * tokens, d), k_text, scale)
+    keys = k.reshape(heads, num_frames * tokens, d)
+    kp = fused_kernels.pack_keys(keys, k_text, scale, threads=threads)
     text = 0 if k_text is None else k_text.shape[1]
     q_sel = q[:, 0].index_select(1, qt).contiguous()  # (heads, N, d)
-    pair, full, mass = fused_kernels.forward(q_sel, kp, text, num_frames, tokens)
+    pair, full, mass = fused_kernels.forward(q_sel, kp, text, num_frames, tokens, threads)
     pair /= heads
     match_prob, match_forward = pair.max(dim=-1)
     soft_forward = torch.matmul(pair, token_grid_xy(h, w))
@@ -509,9 +514,9 @@ def _reverse_torch(layer: _Layer, row_chunk: int, head_chunk: int) -> torch.Tens
     return match_reverse
 
 
-def _reverse_fused(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def _reverse_fused(q: torch.Tensor, k: torch.Tensor, scale: float, threads: int) -> torch.Tensor:
     """As :func:`_reverse_torch`, with the fused C kernel (GEMM and softmax in cache)."""
     heads, num_frames, tokens, d = q.shape
-    kp = fused_kernels.pack_keys(k[:, 0], None, scale)
+    kp = fused_kernels.pack_keys(k[:, 0], None, scale, threads=threads)
     q_rows = q.reshape(heads, num_frames * tokens, d).contiguous()
-    return fused_kernels.reverse(q_rows, kp, tokens)
+    return fused_kernels.reverse(q_rows, kp, tokens, threads)
