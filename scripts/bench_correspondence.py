@@ -371,6 +371,7 @@ def main(argv=None) -> int:
                 f"{r['best'] / floor:>9.2f}{vs_naive}{r['extra_mib']:>11.1f}"
             )
         print()
+        ours_np = dict(np.load(f"{tmp}/ours.npz"))
         fwd_rev = fwd + rev
         for label, r in (("ours", ours), ("torch path", torch_path)):
             ratios = sorted(
@@ -389,13 +390,11 @@ def main(argv=None) -> int:
                 f"{naive['extra_mib'] / max(ours['extra_mib'], 1e-9):.1f}x"
             )
             print("ours vs naive outputs:")
-            ours_np = dict(np.load(f"{tmp}/ours.npz"))
             naive_np = dict(np.load(f"{tmp}/naive.npz"))
             print("\n".join(compare(ours_np, naive_np)))
         else:
             print()
         print("ours vs torch path outputs:")
-        ours_np = dict(np.load(f"{tmp}/ours.npz"))
         print("\n".join(compare(ours_np, dict(np.load(f"{tmp}/torch.npz")))))
         print(f"(memory measured with {ours['mem_method']})")
     return 0

@@ -214,3 +214,18 @@ def test_default_path_depends_on_the_amount_of_work(monkeypatch):
     assert calls == [1]
     assert torch.equal(small.match_reverse, big.match_reverse)
     torch.testing.assert_close(small.confidence, big.confidence, rtol=0, atol=1e-6)
+
+
+def test_packed_keys_that_do_not_fit_are_refused():
+    q = torch.randn(2, 5, 4)
+    kp = fused.pack_keys(torch.randn(2, 20, 4))  # 32 padded keys
+    lib = fused.kernels()
+    for bad_kp, keys in (
+        (kp, 33),  # more keys than packed
+        (kp[:1].contiguous(), 20),  # heads differ
+        (kp.double(), 20),  # not float32
+        (kp.transpose(2, 3), 20),  # not the panel layout
+    ):
+        with pytest.raises(ValueError, match="not pack_keys output"):
+            fused._run_reverse(lib, q, bad_kp, keys, threads=1)
+    assert fused._run_reverse(lib, q, kp, 20, threads=1).shape == (5,)

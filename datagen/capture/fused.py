@@ -217,6 +217,24 @@ def _input(t: torch.Tensor, name: str) -> int:
     return DTYPES[t.dtype]
 
 
+def _packed_width(kp: torch.Tensor, q: torch.Tensor, keys: int) -> int:
+    """Padded key count of :func:`pack_keys` output ``kp`` holding ``keys`` keys for ``q``."""
+    heads, _, d = q.shape
+    padded = kp.shape[1] * PANEL if kp.dim() == 4 else 0
+    if (
+        kp.shape != (heads, padded // PANEL, d, PANEL)
+        or kp.dtype != torch.float32
+        or kp.device.type != "cpu"
+        or not kp.is_contiguous()
+        or not 0 < keys <= padded
+    ):
+        raise ValueError(
+            f"packed keys {tuple(kp.shape)} ({kp.dtype}) are not pack_keys output for "
+            f"{keys} keys and q of shape {tuple(q.shape)}"
+        )
+    return padded
+
+
 def _pack(
     lib: ctypes.CDLL,
     keys: torch.Tensor,
@@ -258,9 +276,7 @@ def _run_reverse(
 ) -> torch.Tensor:
     code = _input(q, "q")
     heads, rows, d = q.shape
-    padded = kp.shape[1] * PANEL
-    if kp.shape != (heads, padded // PANEL, d, PANEL) or not 0 < tokens <= padded:
-        raise ValueError(f"packed keys {tuple(kp.shape)} do not fit q {tuple(q.shape)}")
+    padded = _packed_width(kp, q, tokens)
     out = torch.empty(rows, dtype=torch.int64)
 
     def work(r0: int, r1: int) -> None:
@@ -288,10 +304,7 @@ def _run_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     code = _input(q, "q")
     heads, rows, d = q.shape
-    padded = kp.shape[1] * PANEL
-    width = text + frames * tokens
-    if kp.shape != (heads, padded // PANEL, d, PANEL) or not 0 < width <= padded:
-        raise ValueError(f"packed keys {tuple(kp.shape)} do not fit q {tuple(q.shape)}")
+    padded = _packed_width(kp, q, text + frames * tokens)
     pair = torch.zeros(rows, frames, tokens)
     full = torch.zeros(rows, frames, tokens)
     mass = torch.zeros(rows, frames + 1)
