@@ -7,7 +7,6 @@ check -> write), assemble the manifest.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import numpy as np
 from datagen.check import check_sample
 from datagen.config import BuildConfig, query_sampler
 from datagen.errors import UserError
-from datagen.models import get_family
+from datagen.models import get_family, training_vocabulary
 from datagen.plan import Plan, ShardTask, WorkUnit, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
 from datagen.sample import (
@@ -51,8 +50,9 @@ from datagen.sources.base import Produced, Source
 from datagen.sources.procedural import SyntheticSource, synthetic_config, synthetic_prompts
 from datagen.sources.text_to_video import TextToVideoSource, capture_spec
 from datagen.sources.videos import VideoFilesSource, video_prompts
+from datagen.summary import qc_warning, vocabulary_note
 from datagen.track.base import TrackResult, make_tracker
-from datagen.track.qc import QCConfig, run_qc
+from datagen.track.qc import run_qc
 from datagen.track.queries import QuerySampler
 from datagen.video import decode_video, encode_video
 
@@ -60,15 +60,30 @@ log = logging.getLogger("datagen.build")
 STAGES = ("load", "generate", "encode", "decode", "track", "qc", "validate", "write")
 
 
+def qc_cause(verdict: dict[str, Any]) -> str:
+    """The main cause of a QC rejection: the track flag that fired on most tracks, or
+    'no tracks'."""
+    counts = verdict.get("counts") or {}
+    if not verdict.get("num_tracks"):
+        return "no tracks"
+    fired = sorted((-n, k) for k, n in counts.items() if n)
+    return fired[0][1] if fired else "kept"
+
+
 def qc_summary(verdicts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-shard quality-control outcome: verdict counts and the rejected keys' reasons."""
+    """Per-shard quality-control outcome: verdict counts, main causes of rejection and the
+    rejected keys' reasons."""
     if not verdicts:
         return {}
     rejected = {k: v["reasons"] for k, v in sorted(verdicts.items()) if v["verdict"] != "accepted"}
+    causes: dict[str, int] = defaultdict(int)
+    for k in rejected:
+        causes[qc_cause(verdicts[k])] += 1
     return {
         "accepted": len(verdicts) - len(rejected),
         "rejected": len(rejected),
         "kept_fraction_mean": float(np.mean([v["kept_fraction"] for v in verdicts.values()])),
+        "causes": dict(sorted(causes.items())),
         "rejected_reasons": rejected,
     }
 
@@ -82,6 +97,8 @@ class BuildRequest:
     limit: int | None
     disk_shortfall: str | None = None
     """Why the real build would be refused for lack of space (only a dry run gets here)."""
+    vocabulary_note: str | None = None
+    """One line on prompt words the model was not trained on (None: none, or not known)."""
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -182,7 +199,10 @@ def prepare_build(
             raise UserError("--prompts is required for --source text-to-video")
         prompts = load_prompts(prompts_path)
     if kind != "synthetic" or capturing:
-        get_family(cfg.model.family).check_generation(cfg.generation, cfg.model)
+        family = get_family(cfg.model.family)
+        family.check_generation(cfg.generation, cfg.model)
+        if kind == "text-to-video":
+            family.check_prompts(prompts, cfg.generation, cfg.model)
     try:
         make_tracker(cfg.tracker.name, **cfg.tracker.settings)
     except (ValueError, TypeError) as exc:
@@ -190,7 +210,11 @@ def prepare_build(
     plan = make_plan(cfg, prompts, limit)
     needed = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
     shortfall = check_output_dir(out, cfg.fingerprint(), needed, dry_run)
-    return BuildRequest(cfg, prompts, plan, out, limit, shortfall)
+    note = None
+    known = training_vocabulary(cfg.model.model_id)
+    if kind == "text-to-video" and known is not None:
+        note = vocabulary_note(prompts, known, cfg.model.model_id)
+    return BuildRequest(cfg, prompts, plan, out, limit, shortfall, note)
 
 
 def sample_metadata(
@@ -253,7 +277,11 @@ def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
         out = members_for(bool(spec.corr_layers), bool(spec.feature_layers))
         out["core"] = sorted(out["core"] + ["masks.npy", "object_ids.npy"])
         return out
-    return members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
+    out = members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
+    if cfg.qc.rejected == "separate":
+        # A separated sample keeps everything it has, its q/k included.
+        out["rejected"] = sorted(out["core"] + out.get("features", []))
+    return out
 
 
 def make_source(cfg: BuildConfig, sampler: QuerySampler | None) -> Source:
@@ -285,7 +313,7 @@ class ShardWorker:
         self.sampler = query_sampler(cfg)
         """Samples each video's queries (None: a synthetic build's own points)."""
         self.source = make_source(cfg, self.sampler)
-        self.qc = QCConfig(**dataclasses.asdict(cfg.qc))
+        self.qc = cfg.qc.thresholds()
 
     def label(self, unit: WorkUnit, made: Produced, timings: dict[str, float]) -> Sample:
         """Encode, decode, label and describe one video (raises _StageError on failure).
@@ -386,6 +414,8 @@ class ShardWorker:
         features: dict[str, dict[str, bytes]] = {}
         verdicts: dict[str, dict[str, Any]] = {}
         rejected: list[Rejected] = []
+        separated: dict[str, dict[str, bytes]] = {}
+        """QC-rejected samples of a qc.rejected=separate build."""
         # Existing videos go one at a time, so one bad file fails alone.
         bs = cfg.generation.batch_size if self.source.kind == "text-to-video" else 1
         t0 = time.perf_counter()
@@ -428,17 +458,32 @@ class ShardWorker:
                             Rejected(unit.key, task.index, "validate", "; ".join(problems))
                         )
                     else:
-                        members[unit.key] = sample.members()
-                        if "qc" in sample.meta:
-                            verdicts[unit.key] = sample.meta["qc"]
-                        if sample.features is not None:
-                            features[unit.key] = {FEATURE_MEMBER: sample.features}
+                        verdict = sample.meta.get("qc")
+                        if verdict is not None:
+                            verdicts[unit.key] = verdict
+                        one = sample.members()
+                        feats = (
+                            {FEATURE_MEMBER: sample.features} if sample.features is not None else {}
+                        )
+                        failed_qc = verdict is not None and verdict["verdict"] == "rejected"
+                        if failed_qc and cfg.qc.rejected != "keep":
+                            reason = "; ".join(verdict["reasons"])
+                            rejected.append(Rejected(unit.key, task.index, "qc", reason))
+                            if cfg.qc.rejected == "separate":
+                                separated[unit.key] = {**one, **feats}
+                        else:
+                            members[unit.key] = one
+                            if feats:
+                                features[unit.key] = feats
                 if on_sample:
                     on_sample(1)
         t0 = time.perf_counter()
         tars = {"core": members}
-        if "features" in build_members(cfg):
+        kinds = build_members(cfg)
+        if "features" in kinds:
             tars["features"] = features
+        if "rejected" in kinds:
+            tars["rejected"] = separated
         stats = write_shard(
             out, task.index, tars, cfg.fingerprint(), rejected, qc_summary(verdicts)
         )
@@ -548,12 +593,17 @@ def run_build(
             manifest=manifest,
         )
         log.info(
-            "done in %.1fs: %d samples, %d rejected, stage seconds %s",
+            "done in %.1fs: %d samples, %d rejected (%d failed), qc %s, stage seconds %s",
             seconds,
             summary.samples,
             summary.rejected,
+            manifest["totals"]["failed"],
+            {k: manifest["qc"][k] for k in ("accepted", "rejected")} if manifest["qc"] else None,
             {k: round(v, 2) for k, v in timings.items()},
         )
+        warning = qc_warning(manifest)
+        if warning:
+            log.warning(warning)
         return summary
     except Exception:
         log.error("build failed:\n%s", traceback.format_exc())

@@ -15,11 +15,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
+    from datagen.summary import human_bytes
+
+    return human_bytes(n)
 
 
 def _quiet_libraries() -> None:
@@ -40,6 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from datagen.build import prepare_build, run_build
     from datagen.config import resolve_config
     from datagen.sources.text_to_video import capture_spec
+    from datagen.summary import qc_warning, summary_lines
 
     overrides = list(args.set)
     if args.source:
@@ -85,6 +84,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"size: about {_human(plan.bytes_per_sample)} per core sample{capture}, "
         f"{_human(total)} in all"
     )
+    if req.vocabulary_note:
+        print(req.vocabulary_note)
     if args.dry_run:
         if req.disk_shortfall:
             print(
@@ -95,16 +96,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     _quiet_libraries()
     s = run_build(req, progress=not args.quiet)
-    rate = s.samples / s.seconds if s.seconds else 0.0
-    print(
-        f"done: {s.samples} samples in {s.shards_built + s.shards_kept} shards "
-        f"({s.shards_kept} kept from an earlier run), {s.rejected} rejected, "
-        f"{_human(s.bytes)}, {s.seconds:.1f} s ({rate:.1f} samples/s) -> {s.out}"
-    )
-    for r in s.manifest["rejected"][:10]:
-        print(f"  rejected {r['key']} at {r['stage']}: {r['reason']}")
-    if s.rejected > 10:
-        print(f"  ... {s.rejected - 10} more in {s.out / 'manifest.json'}")
+    for line in summary_lines(s.manifest, s.out, s.seconds, s.shards_kept):
+        print(line)
+    warning = qc_warning(s.manifest)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
@@ -122,11 +118,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from datagen.inspection import find_sample, render_tracks, summary, write_png
+    from datagen.inspection import default_png, find_sample, render_tracks, summary, write_png
 
     sample = find_sample(args.dataset, args.key)
     print(summary(sample))
-    png = args.png or Path(f"{sample['key']}.png")
+    png = args.png or default_png(sample["key"])
     write_png(png, render_tracks(sample))
     print(f"tracks drawn over frames: {png}")
     return 0
@@ -157,16 +153,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UserError(f"--videos must be positive, got {args.videos}")
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    report = calibrate(
-        args.tracker,
-        settings,
-        num_videos=args.videos,
-        synthetic=synthetic_config({}),
-        seed=args.seed,
-    )
-    print(format_report(report))
+    names = ("busy", "smooth") if args.scenes == "both" else (args.scenes,)
+    base: dict = {}
+    if args.preset is not None:
+        from datagen.config import preset
+
+        base = dict(preset(args.preset).source.synthetic)
+    reports = {}
+    for name in names:
+        scenes = synthetic_config({**base, "texture": "smooth"} if name == "smooth" else base)
+        reports[name] = calibrate(
+            args.tracker, settings, num_videos=args.videos, synthetic=scenes, seed=args.seed
+        )
+        print(f"== {name} textures ==")
+        print(format_report(reports[name]))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        body = reports[names[0]] if len(names) == 1 else {"sets": reports}
+        args.json.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
         print(f"report: {args.json}")
     return 0
 
@@ -264,7 +267,8 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tracker",
         default="lk_recover",
-        help="lk_recover (default: the tiny preset's), lk, dis, cotracker3_offline, ...",
+        help="lk_recover (default; the tiny preset's with tracker.win_size=9), lk, dis, "
+        "cotracker3_offline, ...",
     )
     c.add_argument(
         "--set",
@@ -279,6 +283,18 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=1000,
         help="first video seed (default 1000, held out from tests and tuning)",
+    )
+    c.add_argument(
+        "--scenes",
+        choices=("busy", "smooth", "both"),
+        default="both",
+        help="calibration set: busy (detailed textures), smooth (8x longer texture "
+        "wavelengths), or both (default)",
+    )
+    c.add_argument(
+        "--preset",
+        help="calibrate on this preset's synthetic scenes (e.g. tiny: its model's training "
+        "distribution, 8 frames at 32x32) instead of the default 24 frames at 96x128",
     )
     c.add_argument("--json", type=Path, help="also write the full report as JSON")
     c.set_defaults(func=cmd_calibrate)

@@ -22,6 +22,8 @@ from datagen.errors import UserError
 if TYPE_CHECKING:
     from datagen.track.queries import QuerySampler
 
+FIRST_FRAME_KINDS = ("prompt", "procedural")
+QC_REJECTED_MODES = ("drop", "keep", "separate")
 TINY_MODEL_ID = "datagen/tiny-random-cogvideox"
 """The random-weight tiny CogVideoX, built from configs (fast tests, ``--preset tiny-random``)."""
 TRAINED_TINY_ID = "datagen/tiny-cogvideox"
@@ -64,6 +66,11 @@ class GenerationConfig:
     """Text tokens the encoder sees (226 for real CogVideoX)."""
     negative_prompt: str = ""
     """Default negative prompt for prompts that carry none."""
+    first_frame: str = "prompt"
+    """Image-to-video models (CogVideoX-I2V) only: where each video's first frame comes from:
+    'prompt' (the prompt entry's ``image`` file, fitted to the generation size) or
+    'procedural' (rendered by the procedural source from the colours and shapes the prompt
+    names; the ``tiny`` preset). Text-to-video models ignore it."""
 
 
 @dataclass
@@ -98,6 +105,16 @@ class QCSettings:
     min_motion: float = 0.0
     max_jitter: float = 4.0
     min_kept_fraction: float = 0.3
+    rejected: str = "drop"
+    """What happens to a sample QC rejects: 'drop' (not written; listed in the manifest with its
+    reasons), 'keep' (written to the core shards like the others, verdict in KEY.json) or
+    'separate' (written to rejected-NNNNNN.tar beside the core shards)."""
+
+    def thresholds(self) -> Any:
+        """The track-check thresholds as a :class:`datagen.track.qc.QCConfig`."""
+        from datagen.track.qc import QCConfig
+
+        return QCConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "rejected"})
 
 
 @dataclass
@@ -220,8 +237,11 @@ def _tiny_trained() -> BuildConfig:
             guidance_scale=3.0,
             batch_size=16,
             max_sequence_length=32,
+            first_frame="procedural",
         ),
-        tracker=TrackerConfig(name="lk_recover", grid_size=8),
+        # Window 9: the best worst case over the busy and smooth calibration sets at this
+        # size (README, "Labels you can trust"); the model's videos are smooth.
+        tracker=TrackerConfig(name="lk_recover", grid_size=8, settings={"win_size": 9}),
         capture=CaptureConfig(
             feature_layers=[4, 5], feature_steps=[4, 5], corr_layers=[4, 5], corr_steps=[4, 5]
         ),
@@ -230,13 +250,23 @@ def _tiny_trained() -> BuildConfig:
 
 PRESETS: dict[str, BuildConfig] = {
     "tiny": _tiny_trained(),
-    "tiny-random": BuildConfig(preset="tiny-random"),
+    # Random weights make noise that QC rejects: the preset exercises the whole pipeline
+    # (fast tests), so it keeps those samples rather than dropping them.
+    "tiny-random": BuildConfig(preset="tiny-random", qc=QCSettings(rejected="keep")),
     "cogvideox-2b": BuildConfig(
         preset="cogvideox-2b",
         model=ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
         generation=_paper_generation(),
         tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
         capture=_paper_capture(30, 17),
+        shards=ShardConfig(max_samples=16),
+    ),
+    "cogvideox-5b-i2v": BuildConfig(
+        preset="cogvideox-5b-i2v",
+        model=ModelConfig(model_id="THUDM/CogVideoX-5b-I2V", dtype="bfloat16"),
+        generation=_paper_generation(first_frame="prompt"),
+        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
+        capture=_paper_capture(42, 17),
         shards=ShardConfig(max_samples=16),
     ),
     "cogvideox-5b": BuildConfig(
@@ -428,16 +458,24 @@ def check_config(cfg: BuildConfig) -> None:
             raise UserError(f"{name} must be positive, got {value} (--set {name}=N)")
     if g.seed < 0:
         raise UserError(f"generation.seed must be >= 0, got {g.seed}")
+    if g.first_frame not in FIRST_FRAME_KINDS:
+        raise UserError(
+            f"generation.first_frame '{g.first_frame}' is not one of "
+            f"{', '.join(FIRST_FRAME_KINDS)} (--set generation.first_frame=prompt)"
+        )
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of float32, float16, bfloat16")
     if cfg.video.pix_fmt not in ("yuv420p", "yuv444p"):
         raise UserError(f"video.pix_fmt '{cfg.video.pix_fmt}' is not one of yuv420p, yuv444p")
     if not 0 <= cfg.video.crf <= 51:
         raise UserError(f"video.crf must be in 0..51, got {cfg.video.crf}")
-    from datagen.track.qc import QCConfig
-
+    if cfg.qc.rejected not in QC_REJECTED_MODES:
+        raise UserError(
+            f"qc.rejected '{cfg.qc.rejected}' is not one of {', '.join(QC_REJECTED_MODES)} "
+            "(--set qc.rejected=drop)"
+        )
     try:
-        QCConfig(**dataclasses.asdict(cfg.qc))
+        cfg.qc.thresholds()
     except ValueError as exc:
         raise UserError(f"qc: {exc} (--set qc.FIELD=VALUE)") from None
     if cfg.source.kind not in ("text-to-video", "synthetic", "videos"):

@@ -79,6 +79,7 @@ from datagen.index import (
     member_checksum,
     scan_index,
 )
+from datagen.names import key_problem, shard_file_problem
 from datagen.sample import CORE_MEMBERS, CORR_MEMBER, FEATURE_MEMBER
 from datagen.shards import MANIFEST
 
@@ -346,7 +347,14 @@ def _expand(pattern: str) -> list[str]:
     return out
 
 
-def _manifest_shards(data: bytes, where: str, base: str) -> tuple[list[Shard], dict[str, Any]]:
+SPLITS = ("core", "rejected")
+"""Sample sets of a dataset folder: ``core`` (what the build kept) and ``rejected`` (the
+samples quality control rejected, in a ``qc.rejected=separate`` build)."""
+
+
+def _manifest_shards(
+    data: bytes, where: str, base: str, split: str = "core"
+) -> tuple[list[Shard], dict[str, Any]]:
     try:
         manifest = json.loads(data)
         entries = manifest["shards"]
@@ -355,11 +363,31 @@ def _manifest_shards(data: bytes, where: str, base: str) -> tuple[list[Shard], d
             by_index.setdefault(int(e["index"]), {})[e.get("kind", "core")] = e
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: not a datagen manifest ({exc}); pass a dataset folder") from None
+    for e in entries:
+        keys = [e.get(k) for k in ("first_key", "last_key") if e.get(k) is not None]
+        problem = shard_file_problem(e.get("path")) or next(
+            filter(None, map(key_problem, keys)), None
+        )
+        if problem:
+            raise UserError(f"{where}: shard {e.get('index')}: {problem}")
+    for r in manifest.get("rejected") or []:
+        problem = key_problem(r.get("key") if isinstance(r, dict) else r)
+        if problem:
+            raise UserError(f"{where}: rejected sample: {problem}")
+    if split == "rejected" and not any(e.get("kind") == "rejected" for e in entries):
+        mode = (manifest.get("qc") or {}).get("mode", "keep")
+        raise UserError(
+            f"{where}: no rejected shards (this build's qc.rejected={mode}; only "
+            "qc.rejected=separate writes them)"
+        )
     shards = []
     for e in entries:
-        if e.get("kind", "core") != "core":
+        if e.get("kind", "core") != split:
             continue
-        feat = by_index[int(e["index"])].get("features")
+        # A rejected shard carries its samples' q/k itself: it is its own features shard.
+        feat = by_index[int(e["index"])].get("features") if split == "core" else None
+        if split == "rejected" and FEATURE_MEMBER in manifest.get("members", {}).get(split, []):
+            feat = e
         shards.append(
             Shard(
                 core=_join(base, e["path"]),
@@ -410,8 +438,9 @@ def _shards_from_tars(tars: list[str]) -> tuple[list[Shard], dict[str, Any] | No
     return shards, manifest
 
 
-def _resolve(source: Any) -> tuple[list[Shard], dict[str, Any] | None, str]:
-    """(shards, manifest or None, a name for messages) of what the user passed."""
+def _resolve(source: Any, split: str = "core") -> tuple[list[Shard], dict[str, Any] | None, str]:
+    """(shards, manifest or None, a name for messages) of what the user passed; ``split``
+    picks the manifest's core or rejected shards (tars named directly are read as given)."""
     if isinstance(source, (list, tuple)):
         tars: list[str] = []
         for item in source:
@@ -448,7 +477,7 @@ def _resolve(source: Any) -> tuple[list[Shard], dict[str, Any] | None, str]:
         raise UserError(f"{mpath}: cannot be read ({exc})") from None
     if data is None:
         raise UserError(f"{loc}: no {MANIFEST}; is this a datagen dataset folder?")
-    shards, manifest = _manifest_shards(data, mpath, _parent(mpath))
+    shards, manifest = _manifest_shards(data, mpath, _parent(mpath), split)
     return shards, manifest, loc
 
 
@@ -1256,6 +1285,7 @@ def open_dataset(
     features: bool | FeatureSpec = False,
     verify: str | bool = "members",
     on_error: str = "raise",
+    split: str = "core",
 ) -> Dataset:
     """Open a dataset for reading.
 
@@ -1266,9 +1296,13 @@ def open_dataset(
     other fields (default :data:`DEFAULT_FIELDS`). ``features``: also read the features shard
     (True for every tensor, or a :class:`FeatureSpec`). ``verify``: "members" (per-member
     checksum from the index; default), "all" (also each shard's sha256 against the manifest,
-    before reading it), "none". ``on_error``: "raise" or "skip".
+    before reading it), "none". ``on_error``: "raise" or "skip". ``split``: "core" (default)
+    or "rejected" (a ``qc.rejected=separate`` build's QC-rejected samples, with their q/k;
+    a ``qc.rejected=keep`` build has them in core, each with ``meta["qc"]["verdict"]``).
     """
-    shards, manifest, name = _resolve(source)
+    if split not in SPLITS:
+        raise UserError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    shards, manifest, name = _resolve(source, split)
     return Dataset(shards, manifest, name, _options(video, fields, features, verify, on_error))
 
 

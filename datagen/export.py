@@ -30,6 +30,7 @@ import numpy as np
 from datagen.data import open_dataset, safetensors_arrays
 from datagen.errors import UserError
 from datagen.index import ShardError
+from datagen.names import member_problem, open_new, safe_join
 from datagen.sample import CORR_MEMBER, FEATURE_MEMBER
 from datagen.shards import MANIFEST
 
@@ -46,7 +47,7 @@ class ExportSummary:
 
 
 def _write(path: Path, data: bytes | memoryview) -> int:
-    with open(path, "wb") as f:
+    with os.fdopen(open_new(path), "wb") as f:
         f.write(data)
     return len(data)
 
@@ -55,10 +56,12 @@ def _save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> tuple[int, int]
     folder.mkdir()
     files = size = 0
     for name, array in arrays.items():
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"tensor name {name!r} is not a safe file name")
-        path = folder / f"{name}.npy"
-        np.save(path, array, allow_pickle=False)
+        problem = member_problem(name)
+        if problem:
+            raise ValueError(f"tensor {problem}")
+        path = safe_join(folder, f"{name}.npy")
+        with os.fdopen(open_new(path), "wb") as f:
+            np.save(f, array, allow_pickle=False)
         files += 1
         size += path.stat().st_size
     return files, size
@@ -107,15 +110,15 @@ def export_dataset(
             size += _write(tmp / MANIFEST, json.dumps(ds.manifest, indent=1).encode() + b"\n")
             files += 1
         for key, raw, fraw in ds.iter_raw(keys):
-            folder = tmp / key
+            # Keys and member names were checked by the reader (datagen.names); the joins
+            # check again, so nothing lands outside the export.
+            folder = safe_join(tmp, key)
             folder.mkdir()
             for ext, data in sorted(raw.items()):
                 if ext == CORR_MEMBER:
                     f, s = _save_arrays(folder / "correspondence", safetensors_arrays(data))
-                elif ext in _RENAME or ext.endswith(".npy"):
-                    f, s = 1, _write(folder / _RENAME.get(ext, ext), data)
                 else:
-                    f, s = 1, _write(folder / ext, data)
+                    f, s = 1, _write(safe_join(folder, _RENAME.get(ext, ext)), data)
                 files, size = files + f, size + s
             if fraw is not None:
                 f, s = _save_arrays(folder / "features", safetensors_arrays(fraw[FEATURE_MEMBER]))

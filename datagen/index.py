@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from datagen.names import key_problem, member_problem, tar_name_problem
+
 INDEX_SUFFIX = ".idx.json"
 INDEX_FORMAT = "datagen-tar-index"
 INDEX_VERSION = 1
@@ -145,6 +147,13 @@ class TarIndex:
                 )
                 for s in obj["samples"]
             ]
+            for entry in samples:
+                problem = key_problem(entry.key) or next(
+                    filter(None, map(member_problem, entry.members)), None
+                )
+                if problem:
+                    # Not a damaged index to scan past: a name that must never reach a path.
+                    raise CorruptShardError(name, str(entry.key), problem)
             return cls(obj["tar"], int(obj["bytes"]), obj.get("sha256"), samples, obj["checksum"])
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{name}: not a valid tar index ({exc})") from None
@@ -228,8 +237,9 @@ class TarMember:
 
     @property
     def key_ext(self) -> tuple[str, str]:
-        base = self.name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
+        """(key, member) of ``KEY.MEMBER``; the reader refuses names with a folder part
+        (:func:`datagen.names.tar_name_problem`)."""
+        key, _, ext = self.name.partition(".")
         return key, ext
 
 
@@ -329,6 +339,9 @@ def iter_members(
             reader.skip(padded, key)
             continue
         k, ext = member.key_ext
+        problem = tar_name_problem(member.name)
+        if problem:
+            raise CorruptShardError(reader.shard, k, f"{problem} (header at byte {member.header})")
         if k != key:
             key = k
             if last_key is not None:

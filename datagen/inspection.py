@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,25 @@ import numpy as np
 
 from datagen.data import open_dataset
 from datagen.errors import UserError
+from datagen.index import ShardError
+from datagen.names import open_new, safe_join
 
 
 def find_sample(folder: Path, key: str | None) -> dict[str, Any]:
     """The sample with ``key`` (the first sample when None), read through the member index."""
-    ds = open_dataset(folder)
-    if key is None:
-        try:
-            return ds[0]
-        except IndexError:
-            raise UserError(f"{folder} holds no samples") from None
-    if key not in ds:
-        first = ", ".join(ds.keys()[:3])
-        raise UserError(f"no sample with key '{key}' in {folder}; keys look like: {first}")
-    return ds[key]
+    try:
+        ds = open_dataset(folder)
+        if key is None:
+            try:
+                return ds[0]
+            except IndexError:
+                raise UserError(f"{folder} holds no samples") from None
+        if key not in ds:
+            first = ", ".join(ds.keys()[:3])
+            raise UserError(f"no sample with key '{key}' in {folder}; keys look like: {first}")
+        return ds[key]
+    except ShardError as exc:
+        raise UserError(f"{exc}; run datagen validate {folder}") from None
 
 
 def summary(sample: dict[str, Any]) -> str:
@@ -108,5 +114,25 @@ def render_tracks(sample: dict[str, Any], num_panels: int = 4, min_width: int = 
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise UserError(f"cannot write {path}; check the folder exists and is writable (--png)")
+    """Encode ``image`` as PNG and write it to ``path``, never through a symlink."""
+    ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise UserError(f"cannot encode the PNG for {path}")
+    if path.is_symlink():
+        raise UserError(f"{path} is a symlink; not writing through it (--png)")
+    try:
+        fd = open_new(path)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write {path} ({exc.strerror}); check the folder exists and is writable (--png)"
+        ) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.tobytes())
+
+
+def default_png(key: str) -> Path:
+    """``KEY.png`` in the working folder, for a key checked by the rules of datagen.names."""
+    try:
+        return safe_join(Path("."), f"{key}.png")
+    except ValueError as exc:
+        raise UserError(f"{exc}; pass --png PATH") from None

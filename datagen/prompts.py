@@ -19,7 +19,8 @@ from datagen.errors import UserError
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_PROMPT_CHARS = 2000
 FORMATS = (".txt", ".jsonl", ".csv")
-_FIELDS = {"id", "prompt", "category", "set", "negative_prompt", "seeds"}
+_FIELDS = {"id", "prompt", "category", "set", "negative_prompt", "seeds", "image"}
+IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Prompt:
     """Explicit seeds per replica; replica r uses seeds[r] when given."""
     source: str = ""
     """Where it was read: 'file:line'."""
+    image: str | None = None
+    """First frame for image-to-video models: absolute path of an image file (given relative
+    to the prompt file's folder, or absolute)."""
+    image_sha256: str | None = None
+    """SHA-256 of the image file's bytes when the bank was read (part of the bank digest)."""
 
 
 def derived_id(text: str) -> str:
@@ -68,6 +74,8 @@ def _make_prompt(
     set_: object = "",
     negative: object = None,
     seeds: object = None,
+    image: object = None,
+    folder: Path | None = None,
 ) -> Prompt:
     if not isinstance(text, str):
         raise UserError(f"{where}: 'prompt' must be a string")
@@ -107,6 +115,7 @@ def _make_prompt(
         ):
             raise UserError(f"{where}: 'seeds' must be a list of non-negative integers")
         seed_tuple = tuple(seeds)
+    image_path, image_sha = _image_of(where, image, folder)
     return Prompt(
         id=pid,
         prompt=text,
@@ -115,7 +124,33 @@ def _make_prompt(
         negative_prompt=negative,
         seeds=seed_tuple,
         source=where,
+        image=image_path,
+        image_sha256=image_sha,
     )
+
+
+def _image_of(where: str, image: object, folder: Path | None) -> tuple[str | None, str | None]:
+    """A prompt's ``image`` field as (absolute path, sha256), checked to be a readable file."""
+    if image is None or image == "":
+        return None, None
+    if not isinstance(image, str):
+        raise UserError(f"{where}: 'image' must be a path string")
+    path = Path(image).expanduser()
+    if not path.is_absolute() and folder is not None:
+        path = folder / path
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise UserError(
+            f"{where}: image '{image}' is not one of {', '.join(IMAGE_FORMATS)}; "
+            "convert it or fix the path"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(
+            f"{where}: image '{image}' cannot be read ({exc.strerror}); paths are relative to "
+            "the prompt file's folder"
+        ) from None
+    return str(path.resolve()), hashlib.sha256(data).hexdigest()
 
 
 def _read_txt(path: Path) -> list[Prompt]:
@@ -156,6 +191,8 @@ def _read_jsonl(path: Path) -> list[Prompt]:
                 obj.get("set", ""),
                 obj.get("negative_prompt"),
                 obj.get("seeds"),
+                obj.get("image"),
+                path.parent,
             )
         )
     return out
@@ -189,6 +226,8 @@ def _read_csv(path: Path) -> list[Prompt]:
                 row.get("set") or "",
                 row.get("negative_prompt") or None,
                 row.get("seeds") or None,
+                row.get("image") or None,
+                path.parent,
             )
         )
     return out
@@ -249,5 +288,8 @@ def bank_digest(prompts: list[Prompt]) -> str:
     h = hashlib.sha256()
     for p in prompts:
         rec = [p.id, p.prompt, p.category, p.set, p.negative_prompt, p.seeds]
+        if p.image_sha256 is not None:
+            # Only banks with images add it, so the digests of other banks stay as they were.
+            rec.append(p.image_sha256)
         h.update(json.dumps(rec, sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from datagen.index import build_index, index_name
+from datagen.names import tar_name_problem
 from datagen.sample import json_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-KINDS = ("core", "features")
+KINDS = ("core", "features", "rejected")
 """Shard sets: ``core`` (video, labels, correspondence) and ``features`` (captured q/k), with
-the same keys under the same shard numbers."""
+the same keys under the same shard numbers; ``rejected`` (a ``qc.rejected=separate`` build's
+samples that quality control rejected, all their members, q/k included)."""
 
 
 def shard_file(kind: str, index: int) -> str:
@@ -70,10 +72,11 @@ def iter_tar_samples(data_or_path: bytes | Path) -> Iterator[tuple[str, dict[str
         for info in tar:
             if not info.isfile():
                 continue
-            base = os.path.basename(info.name)
-            key, dot, ext = base.partition(".")
-            if not dot:
-                continue
+            problem = tar_name_problem(info.name)
+            if problem:
+                where = name or "tar"
+                raise ValueError(f"{where}: {info.name.partition('.')[0]!r}: {problem}")
+            key, _, ext = info.name.partition(".")
             f = tar.extractfile(info)
             payload = f.read() if f else b""
             if key != current:
@@ -122,7 +125,9 @@ class Rejected:
     key: str
     shard: int
     stage: str
-    """Where it failed: generate, encode, decode, track, validate."""
+    """Where it failed: generate, encode, decode, track, validate; or qc (quality control
+    rejected its labels: the sample is in the shard's rejected tar when the build separates
+    rejected samples, else not written)."""
     reason: str
 
 
@@ -140,6 +145,13 @@ class ShardStats:
     @property
     def samples(self) -> int:
         return len(self.keys)
+
+    @property
+    def separated_keys(self) -> list[str]:
+        """Keys of the shard's rejected tar (QC-rejected samples of a separating build)."""
+        if "rejected" not in self.files:
+            return []
+        return sorted(r.key for r in self.rejected if r.stage == "qc")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,7 +180,7 @@ def write_shard(
     keys = sorted(tars.get("core", {}))
     files = {}
     for kind, samples in tars.items():
-        if sorted(samples) != keys:
+        if kind != "rejected" and sorted(samples) != keys:
             raise ValueError(f"shard {index}: {kind} keys differ from core keys")
         data = tar_bytes(samples)
         digest = hashlib.sha256(data).hexdigest()
@@ -230,29 +242,21 @@ def build_manifest(
     for s in sorted(stats, key=lambda s: s.index):
         for kind in sorted(s.files, key=KINDS.index):
             f = s.files[kind]
+            keys = s.separated_keys if kind == "rejected" else s.keys
             shards.append(
                 {
                     "path": f["path"],
                     "kind": kind,
                     "index": s.index,
-                    "samples": s.samples,
+                    "samples": len(keys),
                     "bytes": f["bytes"],
                     "sha256": f["sha256"],
-                    "first_key": s.keys[0] if s.keys else None,
-                    "last_key": s.keys[-1] if s.keys else None,
+                    "first_key": keys[0] if keys else None,
+                    "last_key": keys[-1] if keys else None,
                 }
             )
         rejected += [asdict(r) for r in s.rejected]
     core = [e for e in shards if e["kind"] == "core"]
-    checked = [s.qc for s in stats if s.qc]
-    qc = (
-        {
-            "accepted": sum(q["accepted"] for q in checked),
-            "rejected": sum(q["rejected"] for q in checked),
-        }
-        if checked
-        else None
-    )
     return {
         "format_version": FORMAT_VERSION,
         "config": config,
@@ -267,7 +271,55 @@ def build_manifest(
             "samples": sum(e["samples"] for e in core),
             "bytes": sum(e["bytes"] for e in shards),
             "rejected": len(rejected),
+            "failed": sum(1 for r in rejected if r["stage"] != "qc"),
         },
         "rejected": rejected,
-        "qc": qc,
+        "qc": qc_totals(stats, config.get("qc", {}).get("rejected", "keep")),
+    }
+
+
+QC_CAUSE_TEXT = {
+    "visible_fraction": "tracks visible in too few frames (qc.min_visible_fraction)",
+    "cycle": "forward-backward cycle error above qc.cycle_threshold",
+    "jitter": "tracks jump between frames (qc.max_jitter)",
+    "motion": "tracks move less than qc.min_motion",
+    "no tracks": "no query points to track",
+}
+QC_CAUSE_FIX = {
+    "visible_fraction": "look at the videos (datagen inspect --png): content that does not "
+    "stay trackable loses points; try another tracker (tracker.name) or lower "
+    "qc.min_visible_fraction",
+    "cycle": "try another tracker (tracker.name) or raise qc.cycle_threshold",
+    "jitter": "look at the tracks (datagen inspect --png); raise qc.max_jitter for fast motion",
+    "motion": "lower qc.min_motion (static content is valid ground truth)",
+    "no tracks": "check tracker.queries and tracker.grid_size",
+}
+
+
+def qc_totals(stats: list[ShardStats], mode: str) -> dict[str, Any] | None:
+    """Quality-control verdicts over the shards (None when QC did not run): counts, where
+    rejected samples went, and the main causes, most frequent first."""
+    checked = [s.qc for s in stats if s.qc]
+    if not checked:
+        return None
+    causes: dict[str, int] = {}
+    for q in checked:
+        for cause, n in q.get("causes", {}).items():
+            causes[cause] = causes.get(cause, 0) + n
+    accepted = sum(q["accepted"] for q in checked)
+    rejected = sum(q["rejected"] for q in checked)
+    return {
+        "accepted": accepted,
+        "rejected": rejected,
+        "checked": accepted + rejected,
+        "rejected_samples": {
+            "drop": "not written; listed under rejected with stage qc",
+            "keep": "in the core shards, verdict in KEY.json",
+            "separate": "in the rejected-NNNNNN.tar shards; listed under rejected with stage qc",
+        }.get(mode, mode),
+        "mode": mode,
+        "top_causes": [
+            {"cause": c, "samples": n, "meaning": QC_CAUSE_TEXT.get(c, c)}
+            for c, n in sorted(causes.items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
     }

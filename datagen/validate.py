@@ -35,13 +35,15 @@ def validate_dataset(
         return problems, 0
     members = manifest["members"]
     listed = {s["path"] for s in manifest["shards"]}
-    for pattern in ("core-*.tar", "features-*.tar"):
+    for pattern in ("core-*.tar", "features-*.tar", "rejected-*.tar"):
         for extra in sorted(p.name for p in folder.glob(pattern)):
             if extra not in listed:
                 problems.append(f"{extra}: shard file not listed in {MANIFEST}")
     checked = 0
     seen_keys: dict[str, str] = {}
     core_meta: dict[str, dict[str, Any]] = {}
+    qc_mode = (manifest.get("qc") or {}).get("mode", "keep")
+    qc_listed = {r["key"] for r in manifest["rejected"] if r["stage"] == "qc"}
     for entry in manifest["shards"]:
         name, kind = entry["path"], entry["kind"]
         if on_shard:
@@ -63,10 +65,14 @@ def validate_dataset(
         try:
             for key, raw in iter_tar_samples(path):
                 keys.append(key)
-                if kind == "core":
-                    checked += 1
+                if kind in ("core", "rejected"):
                     found, meta = _check_core(key, raw, expected)
-                    core_meta[key] = meta
+                    found += _check_verdict(key, kind, meta, qc_mode, qc_listed)
+                    if kind == "core":
+                        checked += 1
+                        core_meta[key] = meta
+                    elif FEATURE_MEMBER in raw and meta is not None:
+                        found += check_capture(meta, features=raw[FEATURE_MEMBER])
                     if key in seen_keys:
                         problems.append(f"{name}: {key}: key also in {seen_keys[key]}")
                     seen_keys[key] = name
@@ -76,14 +82,36 @@ def validate_dataset(
         except (tarfile.TarError, OSError, EOFError) as exc:
             problems.append(f"{name}: unreadable tar ({exc})")
             continue
+        except ValueError as exc:  # an unsafe member name (datagen.names)
+            problems.append(f"{exc}")
+            continue
         if len(keys) != entry["samples"]:
             problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")
         if keys and (keys[0], keys[-1]) != (entry["first_key"], entry["last_key"]):
             problems.append(f"{name}: first/last key differ from {MANIFEST}")
+    if qc_mode == "separate":
+        separated = {k for k, where in seen_keys.items() if where.startswith("rejected-")}
+        for key in sorted(qc_listed - separated):
+            problems.append(f"{MANIFEST}: {key} is listed as QC-rejected but in no rejected shard")
     total = manifest["totals"]["samples"]
     if checked != total and not any("unreadable" in p or "missing" in p for p in problems):
         problems.append(f"{MANIFEST}: totals.samples is {total}, core shards hold {checked}")
     return problems, checked
+
+
+def _check_verdict(
+    key: str, kind: str, meta: dict[str, Any] | None, mode: str, qc_listed: set[str]
+) -> list[str]:
+    """Where a sample lies must agree with its QC verdict and the build's qc.rejected mode."""
+    verdict = ((meta or {}).get("qc") or {}).get("verdict")
+    if kind == "rejected":
+        out = [] if verdict == "rejected" else [f"in a rejected shard with QC verdict {verdict}"]
+        if key not in qc_listed:
+            out.append(f"in a rejected shard but not listed under rejected in {MANIFEST}")
+        return out
+    if verdict == "rejected" and mode != "keep":
+        return [f"QC verdict rejected, in a core shard of a qc.rejected={mode} build"]
+    return []
 
 
 def _check_core(

@@ -15,29 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from datagen.analysis.matching import analyse_dataset
+from datagen.build import prepare_build, run_build
+from datagen.config import resolve_config
+from datagen.models import tiny_dit
+from datagen.sources.synthetic import render_synthetic_video
 
-from datagen.analysis.matching import analyse_dataset  # noqa: E402
-from datagen.build import prepare_build, run_build  # noqa: E402
-from datagen.config import resolve_config  # noqa: E402
-from datagen.models import tiny_dit  # noqa: E402
-from datagen.sources.synthetic import render_synthetic_video  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def held_out(num_videos: int, timesteps: list[int]):
-    from diffusers import CogVideoXPipeline
+    from diffusers import DiffusionPipeline
 
     import datagen.models.pixel_vae  # noqa: F401
 
-    pipe = CogVideoXPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
     random_init = tiny_dit.build_pipeline(seed=0).transformer.eval()
     seeds = [tiny_dit.EVAL_SEED_BASE + i for i in range(num_videos)]
     videos = [render_synthetic_video(tiny_dit.TRAIN_VIDEO, s) for s in seeds]

@@ -6,43 +6,56 @@
 
 Reproducible: seeded data (training videos are procedural-source seeds TRAIN_SEED_BASE + i,
 evaluation videos EVAL_SEED_BASE + i, so evaluation is held out), seeded init, noise and
-batches; the resolved config is written to ``OUT/config.json``, every step's loss to
+batches; the resolved config of the first leg is written to ``OUT/config.json`` and every
+leg's arguments are appended to ``OUT/legs.jsonl``; every step's loss goes to
 ``OUT/log.jsonl`` and each evaluation to ``OUT/eval.jsonl``. Resumable: ``OUT/checkpoint.pt``
 (model, EMA, optimiser, RNG states, step) is written atomically every ``--checkpoint-every``
 steps and at the end; running the same command again continues from it. Stops at ``--steps``
 or after ``--minutes`` of wall time, whichever comes first.
 
-Objective: v-prediction on the cosine DDPM schedule of the shipped scheduler, AdamW with
-warm-up, EMA of the weights (the EMA is what ships). Timesteps are drawn half uniformly over
-[0, 1000) and half over [0, --focus-t), the noise levels where attention correspondence lives
-(an earlier experiment saw it appear at low noise first); captions are dropped 10% of the time
-so classifier-free guidance works. ``--export DIR`` writes the EMA weights as a diffusers
-pipeline folder with an fp16 transformer, the folder the ``tiny`` preset loads.
+Objective: image-to-video as CogVideoX-I2V trains it: the clean first frame is concatenated to
+the noisy video along channels (zeros for later frames), v-prediction on the cosine DDPM
+schedule of the shipped scheduler, AdamW with warm-up, EMA of the weights (the EMA is what
+ships). Timesteps: a ``--schedule-share`` of them near the preset's DDIM steps (where the
+sampler queries the model), the rest half uniform over [0, 1000) and half over
+[0, --focus-t) (1000: uniform); captions are dropped 10% of the time so classifier-free
+guidance works.
+``--init-from DIR`` starts from another tiny pipeline folder's transformer (weights for input
+channels it lacks start at zero, so the start model ignores the first frame exactly).
+``--export DIR`` writes the EMA weights as a diffusers pipeline folder with an fp16
+transformer, the folder the ``tiny`` preset loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datagen.models import tiny_dit  # noqa: E402
-from datagen.sources.synthetic import render_synthetic_video  # noqa: E402
+from datagen.models import tiny_dit
+from datagen.sources.synthetic import render_synthetic_video
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run folder (config, logs, checkpoint)")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4000, help="length of the LR schedule")
+    p.add_argument("--stop-at", type=int, help="stop this leg at this step (schedule unchanged)")
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the training distribution tiny_dit.TRAIN_VIDEO for this run "
+        "(JSON value), e.g. --video texture_scale=1",
+    )
     p.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=4e-4)
@@ -50,8 +63,19 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--pool", type=int, default=8192, help="training videos rendered up front")
-    p.add_argument("--focus-t", type=int, default=500)
+    p.add_argument("--focus-t", type=int, default=1000)
+    p.add_argument(
+        "--init-from", type=Path, help="pipeline folder whose transformer starts the run"
+    )
     p.add_argument("--cfg-drop", type=float, default=0.1)
+    p.add_argument(
+        "--schedule-share",
+        type=float,
+        default=0.5,
+        help="share of timesteps drawn near the preset's DDIM steps (the rest: --focus-t rule)",
+    )
+    p.add_argument("--schedule-steps", type=int, default=6, help="DDIM steps of the preset")
+    p.add_argument("--schedule-jitter", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-videos", type=int, default=48)
@@ -62,23 +86,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def render_pool(n: int, base: int) -> tuple[np.ndarray, list[str]]:
+def training_video(overrides: list[str]):
+    """tiny_dit.TRAIN_VIDEO with ``FIELD=VALUE`` overrides (JSON values; lists as tuples)."""
+    changes = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(tiny_dit.TRAIN_VIDEO)}:
+            raise SystemExit(f"--video {item!r}: expected FIELD=VALUE with a SyntheticConfig field")
+        v = json.loads(value)
+        changes[name] = tuple(v) if isinstance(v, list) else v
+    return dataclasses.replace(tiny_dit.TRAIN_VIDEO, **changes)
+
+
+def render_pool(n: int, base: int, video) -> tuple[np.ndarray, list[str]]:
     frames = np.empty((n, tiny_dit.FRAMES, tiny_dit.HEIGHT, tiny_dit.WIDTH, 3), np.uint8)
     captions = []
     for i in range(n):
-        frames[i] = render_synthetic_video(tiny_dit.TRAIN_VIDEO, base + i).frames
-        captions.append(tiny_dit.caption(tiny_dit.TRAIN_VIDEO, base + i))
+        frames[i] = render_synthetic_video(video, base + i).frames
+        captions.append(tiny_dit.caption(video, base + i))
     return frames, captions
 
 
-def load_pool(out: Path, n: int) -> tuple[np.ndarray, list[str]]:
+def load_pool(out: Path, n: int, video) -> tuple[np.ndarray, list[str]]:
     """Render the training videos once and cache them beside the run."""
-    cache = out / f"pool-{n}.npz"
+    import hashlib
+
+    digest = hashlib.sha256(repr(video).encode()).hexdigest()[:8]
+    cache = out / f"pool-{n}-{digest}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         return data["frames"], [str(c) for c in data["captions"]]
-    frames, captions = render_pool(n, tiny_dit.TRAIN_SEED_BASE)
-    tmp = out / f"pool-{n}.tmp.npz"
+    frames, captions = render_pool(n, tiny_dit.TRAIN_SEED_BASE, video)
+    tmp = out / f"pool-{n}-{digest}.tmp.npz"
     np.savez(tmp, frames=frames, captions=np.array(captions))
     os.replace(tmp, cache)
     return frames, captions
@@ -91,17 +130,49 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sample_timesteps(n: int, focus: int, gen: torch.Generator) -> torch.Tensor:
+def sample_timesteps(
+    n: int,
+    focus: int,
+    gen: torch.Generator,
+    schedule: torch.Tensor | None = None,
+    share: float = 0.0,
+    jitter: int = 0,
+) -> torch.Tensor:
+    """Half uniform over [0, 1000), half over [0, focus); then a ``share`` of them replaced by
+    a step of ``schedule`` (the sampler's timesteps) plus uniform jitter of +-``jitter``."""
     uniform = torch.randint(0, 1000, (n,), generator=gen)
     focused = torch.randint(0, focus, (n,), generator=gen)
     pick = torch.rand(n, generator=gen) < 0.5
-    return torch.where(pick, focused, uniform)
+    t = torch.where(pick, focused, uniform)
+    if schedule is not None and share > 0:
+        near = schedule[torch.randint(0, len(schedule), (n,), generator=gen)]
+        near = near + torch.randint(-jitter, jitter + 1, (n,), generator=gen)
+        use = torch.rand(n, generator=gen) < share
+        t = torch.where(use, near.clamp(0, 999), t)
+    return t
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def init_from(model, folder: Path) -> None:
+    """Load a tiny pipeline folder's transformer weights into ``model``; input channels the
+    folder's patch embedding lacks get zero weights."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    own = model.state_dict()
+    for name, value in state.items():
+        value = value.float()
+        if own[name].shape != value.shape:
+            grown = torch.zeros_like(own[name])
+            grown[:, : value.shape[1]] = value
+            value = grown
+        own[name] = value
+    model.load_state_dict(own)
 
 
 def export(ema_model, folder: Path) -> None:
@@ -119,21 +190,27 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out: Path = args.out
+    video = training_video(args.video)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(
         transformer=tiny_dit.TRANSFORMER_CONFIG,
         scheduler=tiny_dit.SCHEDULER_CONFIG,
-        video=tiny_dit.train_video_settings(),
+        video={**tiny_dit.train_video_settings(), **dataclasses.asdict(video)},
         train_seed_base=tiny_dit.TRAIN_SEED_BASE,
         eval_seed_base=tiny_dit.EVAL_SEED_BASE,
         torch=torch.__version__,
     )
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not (out / "config.json").exists():
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with (out / "legs.jsonl").open("a") as legs:
+        legs.write(json.dumps(config, sort_keys=True) + "\n")
 
     torch.manual_seed(args.seed)
     pipe = tiny_dit.build_pipeline(seed=args.seed)
     model = pipe.transformer.train()
+    if args.init_from is not None:
+        init_from(model, args.init_from)
     ema = tiny_dit.build_pipeline(seed=args.seed).transformer.eval()
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
@@ -157,7 +234,7 @@ def main(argv=None) -> int:
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
 
     t0 = time.time()
-    frames, captions = load_pool(out, args.pool)
+    frames, captions = load_pool(out, args.pool, video)
     print(f"pool: {len(frames)} videos ready in {time.time() - t0:.1f}s", flush=True)
     t0 = time.time()
     caption_emb = torch.cat(
@@ -170,10 +247,8 @@ def main(argv=None) -> int:
     print(f"captions encoded in {time.time() - t0:.1f}s", flush=True)
 
     eval_seeds = [tiny_dit.EVAL_SEED_BASE + i for i in range(args.eval_videos)]
-    eval_videos = [render_synthetic_video(tiny_dit.TRAIN_VIDEO, s) for s in eval_seeds]
-    eval_emb = tiny_dit.encode_captions(
-        pipe, [tiny_dit.caption(tiny_dit.TRAIN_VIDEO, s) for s in eval_seeds]
-    )
+    eval_videos = [render_synthetic_video(video, s) for s in eval_seeds]
+    eval_emb = tiny_dit.encode_captions(pipe, [tiny_dit.caption(video, s) for s in eval_seeds])
 
     def evaluate(models: dict) -> dict:
         table = tiny_dit.evaluate_matching(models, eval_videos, eval_emb, scheduler, args.eval_t)
@@ -196,23 +271,29 @@ def main(argv=None) -> int:
             elapsed=elapsed,
         )
 
+    scheduler.set_timesteps(args.schedule_steps)
+    schedule = scheduler.timesteps.clone().long()
     t_start = time.time()
     budget = args.minutes * 60.0
     alphas = scheduler.alphas_cumprod
-    while step < args.steps and elapsed_before + (time.time() - t_start) < budget:
+    stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    while step < stop and elapsed_before + (time.time() - t_start) < budget:
         idx = torch.randint(0, len(frames), (args.batch,), generator=gen)
         x0 = tiny_dit.frames_to_latents(frames[idx.numpy()])
         emb = caption_emb[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
         emb[drop] = empty_emb
-        t = sample_timesteps(args.batch, args.focus_t, gen)
+        t = sample_timesteps(
+            args.batch, args.focus_t, gen, schedule, args.schedule_share, args.schedule_jitter
+        )
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].float().view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        pred = model(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        xin = tiny_dit.with_first_frame(xt, x0)
+        pred = model(hidden_states=xin, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,8 +27,8 @@ def bank(tmp_path):
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--preset", "huge"],
-            "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, tiny, tiny-random "
-            "(--preset)",
+            "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v, "
+            "tiny, tiny-random (--preset)",
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{bank}/sub"],
@@ -121,8 +121,11 @@ def test_dry_run_prints_plan_and_writes_nothing(run_cli, tmp_path):
 
 def test_build_validate_inspect_round_trip(run_cli, tmp_path, bank):
     out = tmp_path / "ds"
-    code, text, _ = run_cli("build", "--prompts", bank, "--out", out, "--quiet")
-    assert code == 0 and "done: 2 samples in 1 shards" in text
+    # Keep QC-rejected samples: this checks the round trip, whatever QC says of 2 videos.
+    code, text, _ = run_cli(
+        "build", "--prompts", bank, "--out", out, "--quiet", "--set", "qc.rejected=keep"
+    )
+    assert code == 0 and "done: 2 samples written in 1 shards" in text
     code, text, _ = run_cli("validate", out)
     assert code == 0 and "valid: 2 samples" in text
     png = tmp_path / "s.png"
@@ -184,12 +187,22 @@ def test_calibrate_reports_all_and_kept_and_writes_json(run_cli, tmp_path):
     out = tmp_path / "cal.json"
     code, text, _ = run_cli("calibrate", "--videos", "1", "--seed", "7", "--json", out)
     assert code == 0 and "delta_avg" in text and "kept" in text
+    assert "== busy textures ==" in text and "== smooth textures ==" in text
+    both = json.loads(out.read_text())["sets"]
+    assert both["busy"]["synthetic"]["texture"] == "sinusoid"
+    assert both["smooth"]["synthetic"]["texture"] == "smooth"
+    assert both["busy"]["all"] != both["smooth"]["all"]
+    code, text, _ = run_cli(
+        "calibrate", "--videos", "1", "--seed", "7", "--scenes", "busy", "--json", out
+    )
+    assert code == 0 and "smooth textures" not in text
     report = json.loads(out.read_text())
+    assert (report["all"], report["kept"]) == (both["busy"]["all"], both["busy"]["kept"])
     assert report["videos"] == 1 and report["seeds"] == [7]
     assert 0 <= report["all"]["delta_avg"] <= 100 and report["kept"]["delta_avg"] is not None
     code, _, err = run_cli("calibrate", "--set", "tracker.win_size=-3")
     assert code == 2 and err.startswith("datagen: error: --tracker lk_recover:")
-    assert report["tracker"] == "lk_recover"  # the tiny preset's tracker by default
+    assert report["tracker"] == "lk_recover"  # the default tracker
 
 
 def test_export_writes_plain_files(run_cli, tmp_path, bank):
@@ -198,7 +211,10 @@ def test_export_writes_plain_files(run_cli, tmp_path, bank):
     from datagen import open_dataset
 
     out = tmp_path / "ds"
-    assert run_cli("build", "--prompts", bank, "--out", out, "--quiet", "--limit", "1")[0] == 0
+    keep = ("--set", "qc.rejected=keep")
+    assert (
+        run_cli("build", "--prompts", bank, "--out", out, "--quiet", "--limit", "1", *keep)[0] == 0
+    )
     code, text, _ = run_cli("export", out, "--to", tmp_path / "files")
     assert code == 0 and "exported 1 samples" in text
     s = next(iter(open_dataset(out)))
@@ -207,3 +223,25 @@ def test_export_writes_plain_files(run_cli, tmp_path, bank):
     assert (folder / "video.mp4").stat().st_size > 0
     code, _, err = run_cli("export", out, "--to", tmp_path / "files")
     assert code == 2 and "is not empty" in err
+
+
+def test_calibrate_on_a_presets_scenes(run_cli, tmp_path):
+    import json
+
+    from datagen.models import tiny_dit
+
+    out = tmp_path / "cal.json"
+    code, text, _ = run_cli(
+        "calibrate", "--preset", "tiny", "--videos", "2", "--seed", "3", "--json", out
+    )
+    assert code == 0
+    sets = json.loads(out.read_text())["sets"]
+    busy, smooth = sets["busy"]["synthetic"], sets["smooth"]["synthetic"]
+    assert (busy["num_frames"], busy["height"], busy["width"]) == (8, 32, 32)
+    assert busy["integer_motion"] and busy["texture_scale"] == tiny_dit.TRAIN_VIDEO.texture_scale
+    assert busy["texture"] == "sinusoid" and smooth["texture"] == "smooth"
+    assert {k: v for k, v in smooth.items() if k != "texture"} == {
+        k: v for k, v in busy.items() if k != "texture"
+    }
+    code, _, err = run_cli("calibrate", "--preset", "nope")
+    assert code == 2 and "unknown preset 'nope'" in err

@@ -129,7 +129,7 @@ def test_video_files_become_tracked_samples_with_features(run_cli, tmp_path, vid
         "--quiet", *[a for s in SMALL for a in ("--set", s)],
     )  # fmt: skip
     assert code == 0, err
-    assert "done: 2 samples" in text and "1 rejected" in text
+    assert "done: 2 samples written" in text and "1 failed" in text
     assert "short-r00 at read" in text and "3 frames, fewer than 9" in text
     samples = {s["key"]: s for s in open_dataset(out)}
     assert sorted(samples) == ["clip_0-r00", "clip_1-r00"]

@@ -452,3 +452,23 @@ def test_exact_tracks_of_other_queries_agree_with_the_renderer_and_run_both_ways
     assert np.array_equal(back[:, t0], later[:, 1:].astype(np.float32))
     assert vis_back[:, t0].all()
     assert ok.sum() > 100
+
+
+def test_smooth_texture_has_less_detail_and_the_same_scene():
+    """texture="smooth" stretches every wavelength 8x: same scene (sprites, motion, colours),
+    and the mean absolute horizontal gradient of the background drops by several times."""
+    import dataclasses
+
+    busy_cfg = SyntheticConfig(num_sprites=0)
+    smooth_cfg = dataclasses.replace(busy_cfg, texture="smooth")
+
+    def grad(cfg):
+        frames = render_synthetic_video(cfg, seed=3).frames.astype(np.float64)
+        return np.abs(np.diff(frames, axis=2)).mean()
+
+    assert grad(busy_cfg) > 4 * grad(smooth_cfg)
+    busy = render_synthetic_video(SyntheticConfig(), seed=5)
+    smooth = render_synthetic_video(dataclasses.replace(SyntheticConfig(), texture="smooth"), 5)
+    np.testing.assert_array_equal(busy.tracks, smooth.tracks)
+    np.testing.assert_array_equal(busy.visible, smooth.visible)
+    np.testing.assert_array_equal(busy.masks, smooth.masks)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_weights_are_fp16_small_and_load_through_from_pretrained():
-    from diffusers import CogVideoXPipeline
+    from diffusers import CogVideoXImageToVideoPipeline, DiffusionPipeline
 
     import datagen.models.pixel_vae  # noqa: F401  (diffusers loads only imported modules)
 
@@ -37,7 +37,8 @@ def test_shipped_weights_are_fp16_small_and_load_through_from_pretrained():
     with safe_open(str(weights), "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"F16"}
-    pipe = CogVideoXPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
+    assert isinstance(pipe, CogVideoXImageToVideoPipeline)
     cfg = pipe.transformer.config
     for key, value in tiny_dit.TRANSFORMER_CONFIG.items():
         assert cfg[key] == value, key
@@ -63,7 +64,9 @@ def test_trained_preset_generates_its_size_through_the_family():
     pipe = fam.load_pipeline(cfg.model)
     g = cfg.generation
     g.num_inference_steps = 2
-    video = fam.generate(pipe, ["red box moves left"], [""], [3], g)
+    assert fam.takes_first_frame(pipe)
+    first, _ = tiny_dit.first_frame_for_prompt("red box moves left", 3)
+    video = fam.generate(pipe, ["red box moves left"], [""], [3], g, images=[first])
     assert video.shape == (1, g.num_frames, g.height, g.width, 3) and video.dtype == np.uint8
     layout = fam.layout(pipe, g)
     assert layout.token_grid == (8, 8, 8) and layout.token_pixel_size == (4, 4)
@@ -151,11 +154,11 @@ def test_pixel_baseline_finds_a_translating_pattern_exactly():
 def lowest_noise_table():
     """Matching accuracy at the lowest noise level of the evaluation grid (t = 100) on 32
     held-out procedural videos: shipped weights, random init, pixel patches."""
-    from diffusers import CogVideoXPipeline
+    from diffusers import DiffusionPipeline
 
     import datagen.models.pixel_vae  # noqa: F401
 
-    pipe = CogVideoXPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_dit.SHIPPED_DIR), dtype=torch.float32)
     random_init = tiny_dit.build_pipeline(seed=0).transformer.eval()
     seeds = [tiny_dit.EVAL_SEED_BASE + i for i in range(32)]
     videos = [render_synthetic_video(tiny_dit.TRAIN_VIDEO, s) for s in seeds]
@@ -181,13 +184,54 @@ def test_shipped_model_matches_moving_points_3x_better_than_random_init(lowest_n
 
 
 def test_shipped_model_beats_the_pixel_patch_baseline_at_the_lowest_noise(lowest_noise_table):
-    # Measured: best layer (4) 54.6% vs pixel patches 54.0% on 64 held-out videos; a thin
-    # margin that appeared late in training (scripts/train_tiny_dit.py log, README table).
+    # The baseline sees the clean first frame, as the image-to-video model does (README table).
     best, acc = lowest_noise_table
     assert best["trained"] > acc["pixel patches"]["100"], acc
 
 
 # --- training script ------------------------------------------------------------------------
+
+
+def test_init_from_copies_weights_and_zero_fills_new_input_channels(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny_dit
+    finally:
+        sys.path.pop(0)
+    from safetensors.torch import load_file, save_file
+
+    # A text-to-video checkpoint (3 input channels) starts an image-to-video model (6).
+    t2v = dict(tiny_dit.TRANSFORMER_CONFIG, in_channels=3)
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(5)
+    old = CogVideoXTransformer3DModel(**t2v)
+    folder = tmp_path / "old" / "transformer"
+    folder.mkdir(parents=True)
+    save_file(old.state_dict(), str(folder / "diffusion_pytorch_model.safetensors"))
+    model = tiny_dit.build_pipeline(seed=1).transformer
+    train_tiny_dit.init_from(model, tmp_path / "old")
+    new = model.state_dict()
+    w = new["patch_embed.proj.weight"]
+    assert torch.equal(w[:, :3], old.state_dict()["patch_embed.proj.weight"])
+    assert not w[:, 3:].any()
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    for name, value in state.items():
+        if name != "patch_embed.proj.weight":
+            assert torch.equal(new[name], value), name
+    # So the started model ignores the first frame exactly: same output as the old model.
+    x = torch.randn(1, 8, 3, 32, 32)
+    emb = torch.randn(1, 32, 32)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = old(hidden_states=x, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        b = model(
+            hidden_states=tiny_dit.with_first_frame(x, torch.randn_like(x)),
+            encoder_hidden_states=emb,
+            timestep=t,
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(a, b)
 
 
 def test_training_script_runs_resumes_and_exports(tmp_path):
@@ -198,6 +242,7 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
         sys.path.pop(0)
     out = tmp_path / "run"
     common = ["--out", str(out), "--pool", "6", "--batch", "2", "--eval-videos", "2"]
+    common += ["--init-from", str(tiny_dit.SHIPPED_DIR)]
     common += ["--eval-every", "2", "--eval-t", "100", "--checkpoint-every", "2"]
     assert train_tiny_dit.main(common + ["--steps", "2"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -212,9 +257,26 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
     assert [e["step"] for e in evals] == [0, 2]
     config = json.loads((out / "config.json").read_text())
     assert config["transformer"] == json.loads(json.dumps(tiny_dit.TRANSFORMER_CONFIG))
-    from diffusers import CogVideoXPipeline
+    assert config["video"]["texture_scale"] == tiny_dit.TRAIN_VIDEO.texture_scale
+    legs = [json.loads(x) for x in (out / "legs.jsonl").read_text().splitlines()]
+    assert [leg["steps"] for leg in legs] == [2, 3]
+    # A leg on another distribution records it, and renders its own pool.
+    other = tmp_path / "other"
+    argv = ["--out", str(other)] + common[2:] + ["--steps", "1", "--video", "texture_scale=1.5"]
+    assert train_tiny_dit.main(argv) == 0
+    assert json.loads((other / "config.json").read_text())["video"]["texture_scale"] == 1.5
+    # --stop-at ends a leg early without changing the learning-rate schedule.
+    short = tmp_path / "short"
+    argv = ["--out", str(short)] + common[2:] + ["--steps", "4", "--stop-at", "2"]
+    assert train_tiny_dit.main(argv) == 0
+    log = [json.loads(x) for x in (short / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert json.loads((short / "config.json").read_text())["steps"] == 4
+    with pytest.raises(SystemExit, match="--video 'nope=1'"):
+        train_tiny_dit.main(["--out", str(other), "--video", "nope=1"])
+    from diffusers import CogVideoXImageToVideoPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(str(export), dtype=torch.float32)
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(export), dtype=torch.float32)
     assert pipe.transformer.config.num_layers == tiny_dit.TRANSFORMER_CONFIG["num_layers"]
     # Same seed and data: a fresh 2-step run reproduces the first run's weights exactly.
     again = tmp_path / "again"

@@ -22,4 +22,16 @@ def get_family(name: str) -> ModelFamily:
     raise UserError(f"unknown model.family '{name}'; choose one of: cogvideox, hunyuanvideo, wan")
 
 
-__all__ = ["ModelFamily", "get_family"]
+def training_vocabulary(model_id: str) -> frozenset[str] | None:
+    """The words a model's text conditioning was trained on, where the project knows them
+    (the embedded tiny model: its caption grammar); None for other models."""
+    from datagen.config import TRAINED_TINY_ID
+
+    if model_id == TRAINED_TINY_ID:
+        from datagen.models.tiny_dit import CAPTION_WORDS
+
+        return CAPTION_WORDS
+    return None
+
+
+__all__ = ["ModelFamily", "get_family", "training_vocabulary"]

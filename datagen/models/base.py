@@ -49,6 +49,12 @@ class ModelFamily(Protocol):
         """Route the recorder's layers through capture processors and keep the recorder's
         step, timestep and conditional rows current; return a function that undoes it."""
 
+    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
+        """Raise UserError when the prompts lack what the model needs (before it loads)."""
+
+    def takes_first_frame(self, pipe: Any) -> bool:
+        """Whether the loaded pipeline generates from a given first frame (image-to-video)."""
+
     def generate(
         self,
         pipe: Any,
@@ -56,8 +62,10 @@ class ModelFamily(Protocol):
         negative_prompts: list[str],
         seeds: list[int],
         gen: GenerationConfig,
+        images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Generate videos: uint8 (B, T, H, W, 3) RGB."""
+        """Generate videos: uint8 (B, T, H, W, 3) RGB; ``images`` (uint8 (H, W, 3) each) are
+        the first frames when :meth:`takes_first_frame`."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,6 +31,40 @@ from datagen.models.base import (
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
+PIPELINE_CLASSES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
+
+
+def is_image_to_video(pipe: Any) -> bool:
+    """Whether a loaded CogVideoX pipeline generates from a first frame (CogVideoX-I2V)."""
+    return type(pipe).__name__ == "CogVideoXImageToVideoPipeline"
+
+
+def is_image_to_video_checkpoint(model_id: str) -> bool | None:
+    """Whether a checkpoint is CogVideoX-I2V, from its local ``model_index.json`` (None when
+    it cannot be told before loading: a hub id not on this machine)."""
+    if model_id == TINY_MODEL_ID:
+        return False
+    folder = _local_folder(model_id)
+    if folder is None:
+        return True if model_id.endswith("-I2V") else None
+    index = _read_json(folder / "model_index.json") or {}
+    return index.get("_class_name") == "CogVideoXImageToVideoPipeline"
+
+
+def no_image_message(where: str, model_id: str) -> str:
+    return (
+        f"{where}: model '{model_id}' is image-to-video and this prompt has no 'image' field; "
+        "add one (a path relative to the prompt file) or --set generation.first_frame=procedural"
+    )
+
+
+def first_frame_latents(clean: torch.Tensor) -> torch.Tensor:
+    """The image latents CogVideoXImageToVideoPipeline concatenates to the noisy latents:
+    latent frame 0 of ``clean`` (B, F, C, h, w) (the causal VAE encodes video frame 0 alone
+    into it), zeros for the later latent frames."""
+    image = torch.zeros_like(clean)
+    image[:, :1] = clean[:, :1]
+    return image
 
 
 def _local_folder(model_id: str) -> Path | None:
@@ -48,6 +82,7 @@ def _local_folder(model_id: str) -> Path | None:
 _KNOWN_HEADS_DIM = {
     "THUDM/CogVideoX-2b": 30 * 64,
     "THUDM/CogVideoX-5b": 48 * 64,
+    "THUDM/CogVideoX-5b-I2V": 48 * 64,
     "THUDM/CogVideoX1.5-5B": 48 * 64,
 }
 
@@ -87,6 +122,15 @@ class CogVideoXFamily:
         heads_dim = _KNOWN_HEADS_DIM.get(model_id, 30 * 64)
         return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, 2, patch_t, heads_dim)
 
+    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
+        """An image-to-video checkpoint taking first frames from the prompts needs an image
+        in every prompt (checked before the model loads when the checkpoint is local)."""
+        if gen.first_frame != "prompt" or not is_image_to_video_checkpoint(model.model_id):
+            return
+        for p in prompts:
+            if p.image is None:
+                raise UserError(no_image_message(p.source, model.model_id))
+
     def check_generation(self, gen: GenerationConfig, model: ModelConfig | None = None) -> None:
         geo = self.geometry(model)
         check_video_size(
@@ -99,7 +143,10 @@ class CogVideoXFamily:
         )
 
     def load_pipeline(self, cfg: ModelConfig) -> Any:
-        from diffusers import CogVideoXPipeline
+        """Text-to-video (``CogVideoXPipeline``) or image-to-video
+        (``CogVideoXImageToVideoPipeline``), whichever the checkpoint's ``model_index.json``
+        names; any other pipeline class is refused."""
+        from diffusers import CogVideoXPipeline, DiffusionPipeline
 
         # The shipped trained tiny model's folder names this module for its pixel-space VAE;
         # diffusers loads only from modules already imported.
@@ -119,7 +166,12 @@ class CogVideoXFamily:
             folder = _local_folder(cfg.model_id)
             source = str(folder) if folder is not None else cfg.model_id
             with offline_hint(cfg.model_id, "/path/to/CogVideoX"):
-                pipe = CogVideoXPipeline.from_pretrained(source, revision=cfg.revision, dtype=dtype)
+                pipe = DiffusionPipeline.from_pretrained(source, revision=cfg.revision, dtype=dtype)
+            if type(pipe).__name__ not in PIPELINE_CLASSES:
+                raise UserError(
+                    f"model '{cfg.model_id}' is a {type(pipe).__name__}; model.family=cogvideox "
+                    f"takes {' or '.join(PIPELINE_CLASSES)} (set model.family to match the model)"
+                )
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -213,10 +265,16 @@ class CogVideoXFamily:
         return emb
 
     def denoiser_forward(
-        self, pipe: Any, latents: torch.Tensor, text_emb: torch.Tensor, timestep: int
+        self,
+        pipe: Any,
+        latents: torch.Tensor,
+        text_emb: torch.Tensor,
+        timestep: int,
+        clean: torch.Tensor | None = None,
     ) -> None:
         """One transformer forward at ``timestep`` (its output is not needed: the capture
-        processors take what they record on the way)."""
+        processors take what they record on the way). An image-to-video model also gets the
+        first frame of ``clean`` (the un-noised latents) as its image latents."""
         transformer = pipe.transformer
         rope = None
         if transformer.config.use_rotary_positional_embeddings:
@@ -224,6 +282,10 @@ class CogVideoXFamily:
             rope = pipe._prepare_rotary_positional_embeddings(
                 latents.shape[3] * s, latents.shape[4] * s, latents.shape[1], latents.device
             )
+        if is_image_to_video(pipe):
+            if clean is None:
+                raise ValueError("an image-to-video model's forward needs the clean latents")
+            latents = torch.cat([latents, first_frame_latents(clean).to(latents.dtype)], dim=2)
         t = torch.full((latents.shape[0],), int(timestep), device=latents.device)
         with torch.inference_mode():
             transformer(
@@ -234,6 +296,9 @@ class CogVideoXFamily:
                 return_dict=False,
             )
 
+    def takes_first_frame(self, pipe: Any) -> bool:
+        return is_image_to_video(pipe)
+
     def generate(
         self,
         pipe: Any,
@@ -241,8 +306,20 @@ class CogVideoXFamily:
         negative_prompts: list[str],
         seeds: list[int],
         gen: GenerationConfig,
+        images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
+        """Text-to-video, or image-to-video from ``images`` (one uint8 (H, W, 3) first frame
+        per prompt, at the generation size) when the pipeline is CogVideoX-I2V."""
+        if not is_image_to_video(pipe):
+            if images is not None:
+                raise ValueError("first frames given to a text-to-video CogVideoX pipeline")
+            return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
+        if images is None or len(images) != len(prompts):
+            raise ValueError("an image-to-video CogVideoX pipeline needs one first frame a prompt")
+        image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        return generate_frames(
+            pipe, prompts, seeds, gen, negative_prompt=negative_prompts, image=image
+        )
 
 
 class CogVideoXCaptureProcessor:

@@ -4,10 +4,11 @@ The embedded trained model works directly on 32x32 RGB frames (no latent compres
 "latents" are the frames scaled to [-1, 1]. CogVideoXPipeline reads exactly four things from its
 VAE: ``config.block_out_channels`` (spatial factor ``2 ** (len - 1)``, here 1),
 ``config.temporal_compression_ratio`` (here 1), ``config.scaling_factor`` (here 1) and
-``decode(latents).sample``. This class provides them, plus ``encode`` for the features-of-
-existing-videos path, as a real diffusers ``ModelMixin`` so ``from_pretrained`` loads it from a
-pipeline folder like any other component. It has no weights to train: decode is the identity
-(clamped to the valid range), encode the identity.
+``decode(latents).sample``; CogVideoXImageToVideoPipeline also ``encode(image).latent_dist``
+and ``config.invert_scale_latents``. This class provides them (``encode`` also serves the
+features-of-existing-videos path), as a real diffusers ``ModelMixin`` so ``from_pretrained``
+loads it from a pipeline folder like any other component. It has no weights to train: decode
+is the identity (clamped to the valid range), encode the identity.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
         block_out_channels: tuple[int, ...] = (3,),
         temporal_compression_ratio: int = 1,
         scaling_factor: float = 1.0,
+        invert_scale_latents: bool = False,
     ):
         super().__init__()
         if len(block_out_channels) != 1 or temporal_compression_ratio != 1:

@@ -130,6 +130,13 @@ class WanFamily:
             schedule_fn=lambda: [int(t) for t in pipe.scheduler.timesteps],
         )
 
+    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
+        """Text-to-video only: nothing to check in the prompts."""
+
+    def takes_first_frame(self, pipe: Any) -> bool:
+        """Text-to-video only (image-to-video variants are not supported by this plugin)."""
+        return False
+
     def generate(
         self,
         pipe: Any,
@@ -137,6 +144,7 @@ class WanFamily:
         negative_prompts: list[str],
         seeds: list[int],
         gen: GenerationConfig,
+        images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
         """Generate videos: uint8 (B, T, H, W, 3) RGB, one seeded CPU generator per video."""
         return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)

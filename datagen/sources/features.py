@@ -87,7 +87,7 @@ class FeaturePass(LazyPipeline):
                     x0, noise, torch.tensor([t], device=x0.device, dtype=torch.long)
                 )
                 recorder.begin_forward(step, t, slice(0, 1))
-                fam.denoiser_forward(pipe, xt, text, t)
+                fam.denoiser_forward(pipe, xt, text, t, clean=x0)
         finally:
             restore()
         meta, corr, feats = capture_products(self.spec, recorder, 0, rows)

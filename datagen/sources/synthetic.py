@@ -28,7 +28,10 @@ Scene model
 * **Textures** are continuous functions evaluated exactly at the sample point (no texture
   image, no interpolation): ``"sinusoid"`` (default) is a base colour plus a sum of random 2-D
   sinusoids per object, with detail down to a 3 px wavelength on the background and 5 local px on
-  sprites; ``"coordinates"`` is a debug texture that encodes the coordinate itself
+  sprites; ``"smooth"`` is the same with every wavelength 8x longer (detail down to 24 px on the
+  background and 40 local px on sprites: little texture inside a tracker's window, as in
+  generated videos with soft surfaces); ``"coordinates"`` is a debug texture that encodes the
+  coordinate itself
   (``R = round(32 u_x) mod 256``, ``G = round(32 u_y) mod 256``, ``B`` = per-object constant), so
   the sub-pixel position can be decoded back from a frame.  Values are quantised with
   ``clip(floor(f + 0.5), 0, 255)``.
@@ -64,7 +67,9 @@ from typing import Any
 import numpy as np
 
 SHAPES = ("square", "disc", "rect", "ellipse")
-TEXTURES = ("sinusoid", "coordinates")
+TEXTURES = ("sinusoid", "coordinates", "smooth")
+SMOOTH_WAVELENGTH_SCALE = 8.0
+"""How much longer every texture wavelength is with ``texture="smooth"``."""
 
 # Coordinate texture: levels per local/world pixel (so an 8 px period).
 COORD_LEVELS_PER_PX = 32
@@ -118,6 +123,8 @@ class SyntheticConfig:
     points_per_sprite: int = 48
     background_points: int = 96
     texture: str = "sinusoid"
+    texture_scale: float = 1.0
+    """Every texture wavelength is this many times longer (sinusoid and smooth textures)."""
     integer_motion: bool = False
     sprites: tuple[SpriteSpec, ...] | None = None
     camera_velocity: tuple[float, float] | None = None
@@ -126,6 +133,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.height < 1 or self.width < 1:
             raise ValueError("num_frames, height and width must be positive")
+        if not self.texture_scale > 0:
+            raise ValueError(f"texture_scale must be positive, got {self.texture_scale!r}")
         if self.texture not in TEXTURES:
             raise ValueError(f"texture must be one of {TEXTURES}, got {self.texture!r}")
         bad = [s for s in self.shapes if s not in SHAPES]
@@ -476,16 +485,23 @@ def build_scene(config: SyntheticConfig, seed: int | None = None) -> SyntheticSc
     camera = _camera_offsets(config, np.random.default_rng(camera_ss))
 
     trng = np.random.default_rng(texture_ss)
+    scale = config.texture_scale * (SMOOTH_WAVELENGTH_SCALE if config.texture == "smooth" else 1.0)
     textures = [
         _SeparableSinusoids(
-            trng, trng.uniform(80, 170, 3), 24, wavelengths=(3.0, 48.0), amps=(6.0, 16.0)
+            trng,
+            trng.uniform(80, 170, 3),
+            24,
+            wavelengths=(3.0 * scale, 48.0 * scale),
+            amps=(6.0, 16.0),
         )
     ]
     hue0 = float(trng.uniform())
     for k in range(len(sprites)):
         hue = (hue0 + k / max(len(sprites), 1) + trng.uniform(-0.05, 0.05)) % 1.0
         base = _hsv_to_rgb(hue, float(trng.uniform(0.55, 0.9)), float(trng.uniform(0.6, 0.85)))
-        textures.append(_Sinusoids(trng, base, 10, wavelengths=(5.0, 24.0), amps=(8.0, 18.0)))
+        textures.append(
+            _Sinusoids(trng, base, 10, wavelengths=(5.0 * scale, 24.0 * scale), amps=(8.0, 18.0))
+        )
     return SyntheticScene(config, seed, sprites, camera, textures)
 
 
