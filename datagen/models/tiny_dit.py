@@ -12,8 +12,9 @@ channels (zeros for the later frames), so the DiT generates the motion of a give
 Where the first frame comes from: for the ``tiny`` preset, :func:`first_frame_for_prompt`
 renders it with the procedural source (the training distribution), choosing among seeded scenes
 the one whose sprites best match the colours and shapes the prompt names. The text (frozen tiny
-random-weight T5; the DiT learnt to read its embeddings of captions naming each sprite's colour,
-shape and direction and the camera pan) steers the motion.
+random-weight T5 embeddings of captions naming each sprite's colour, shape and direction and the
+camera pan) was meant to steer the motion; measured, it barely does (README, "The embedded
+model").
 
 The shipped weights live in ``datagen/models/weights/tiny-cogvideox`` as a diffusers pipeline
 folder (fp16 safetensors) and load with ``DiffusionPipeline.from_pretrained`` like any checkpoint.
@@ -82,8 +83,9 @@ TRAIN_VIDEO = SyntheticConfig(
     # translations (no rotation, scaling or acceleration: each later frame is frame 0 shifted
     # by whole pixels) and textures 3x smoother than the synthetic default (shortest
     # wavelength 9 px on the background, 15 px on sprites: detail a 4 px patch can carry from
-    # frame to frame). Both also make its labels easier: on 24 held-out videos lk_recover's QC
-    # accepts 96% (71% at the default textures) and keeps 56% of point-frames visible (48%).
+    # frame to frame), and slow sprites (0-1 px/frame per axis). These also make its labels
+    # easier: on 24 held-out videos lk_recover's QC accepts all (71% with the continuous,
+    # detailed, faster scenes) and keeps 69% of point-frames visible (48%).
     integer_motion=True,
     texture_scale=3.0,
 )
