@@ -7,17 +7,12 @@ import sys
 from pathlib import Path
 
 from datagen.errors import UserError
+from datagen.summary import human_bytes
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every user error
         raise UserError(f"{message} (see 'datagen {self.prog.split()[-1]} --help')")
-
-
-def _human(n: float) -> str:
-    from datagen.summary import human_bytes
-
-    return human_bytes(n)
 
 
 def _quiet_libraries() -> None:
@@ -74,15 +69,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"config fingerprint {cfg.fingerprint()}"
     )
     capture = (
-        f" + {_human(plan.feature_bytes_per_sample)} of q/k features "
+        f" + {human_bytes(plan.feature_bytes_per_sample)} of q/k features "
         f"({len(cap.feature_layers)} layers x {len(cap.feature_steps)} steps; correspondence "
         f"for {len(cap.corr_layers)} layers x {len(cap.corr_steps)} steps)"
         if capture_spec(cfg).enabled
         else ""
     )
     print(
-        f"size: about {_human(plan.bytes_per_sample)} per core sample{capture}, "
-        f"{_human(total)} in all"
+        f"size: about {human_bytes(plan.bytes_per_sample)} per core sample{capture}, "
+        f"{human_bytes(total)} in all"
     )
     if req.vocabulary_note:
         print(req.vocabulary_note)
@@ -208,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(
-        f"exported {result.samples} samples ({result.files} files, {_human(result.bytes)}) "
+        f"exported {result.samples} samples ({result.files} files, {human_bytes(result.bytes)}) "
         f"-> {result.path}"
     )
     return 0

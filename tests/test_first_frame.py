@@ -31,13 +31,7 @@ def test_first_frame_matches_named_colours_and_shapes():
     cap = "purple box moves up right, yellow ball moves down right, green box moves up right"
     frame, scene_seed = tiny_dit.first_frame_for_prompt(cap, 7)
     scene = build_scene(tiny_dit.TRAIN_VIDEO, scene_seed)
-    have = sorted(
-        (
-            tiny_dit.colour_word(scene.textures[k + 1].base),
-            "ball" if sp.shape in ("disc", "ellipse") else "box",
-        )
-        for k, sp in enumerate(scene.sprites)
-    )
+    have = sorted(tiny_dit.sprite_words(scene))
     assert have == sorted([("purple", "box"), ("yellow", "ball"), ("green", "box")])
     # The frame is that scene's frame 0, and the choice is deterministic.
     np.testing.assert_array_equal(frame, scene.render_frame(0)[0])

@@ -144,15 +144,24 @@ def direction_words(dx: float, dy: float, still: float = 1.0) -> str:
     return " ".join(parts) if parts else "slowly"
 
 
+def sprite_words(scene: Any) -> list[tuple[str, str]]:
+    """(colour, noun) of each sprite of a scene, as its caption names them."""
+    return [
+        (
+            colour_word(scene.textures[k + 1].base),
+            "ball" if sp.shape in ("disc", "ellipse") else "box",
+        )
+        for k, sp in enumerate(scene.sprites)
+    ]
+
+
 def caption(config: SyntheticConfig, seed: int) -> str:
     """A prompt describing a procedural video: each sprite's colour, shape and direction,
     then the camera pan, in the tiny tokenizer's whole-word vocabulary."""
     scene = build_scene(config, seed)
     parts = []
     last = scene.num_frames - 1
-    for k, sp in enumerate(scene.sprites):
-        colour = colour_word(scene.textures[k + 1].base)
-        noun = "ball" if sp.shape in ("disc", "ellipse") else "box"
+    for k, (colour, noun) in enumerate(sprite_words(scene)):
         d = scene.centers[k, last] - scene.centers[k, 0]
         parts.append(f"{colour} {noun} moves {direction_words(d[0], d[1])}")
     # world = image + offset: the offset growing in x means the camera moves right.
@@ -203,9 +212,9 @@ def with_first_frame(latents: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """The I2V transformer input: noisy ``latents`` (B, F, C, H, W) with the clean first frame
     of ``x0`` concatenated along channels (zeros for the later frames), as
     ``CogVideoXImageToVideoPipeline`` builds it."""
-    image = torch.zeros_like(x0)
-    image[:, :1] = x0[:, :1]
-    return torch.cat([latents, image.to(latents.dtype)], dim=2)
+    from datagen.models.cogvideox import first_frame_latents
+
+    return torch.cat([latents, first_frame_latents(x0).to(latents.dtype)], dim=2)
 
 
 def with_clean_first(latents: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -318,17 +327,6 @@ def named_objects(prompt: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def _scene_objects(config: SyntheticConfig, seed: int) -> list[tuple[str, str]]:
-    scene = build_scene(config, seed)
-    return [
-        (
-            colour_word(scene.textures[k + 1].base),
-            "ball" if sp.shape in ("disc", "ellipse") else "box",
-        )
-        for k, sp in enumerate(scene.sprites)
-    ]
-
-
 def _match_score(named: list[tuple[str, str | None]], have: list[tuple[str, str]]) -> float:
     """Named objects found in a scene: 1 for colour and noun, 0.5 for the colour alone; each
     scene sprite serves one named object (greedy, full matches first)."""
@@ -369,7 +367,7 @@ def first_frame_for_prompt(
         )
         for i in range(FIRST_FRAME_CANDIDATES):
             cand = int(base) + i
-            score = _match_score(named, _scene_objects(config, cand))
+            score = _match_score(named, sprite_words(build_scene(config, cand)))
             if score > best_score:
                 best, best_score = cand, score
             if score >= full:

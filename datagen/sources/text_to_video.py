@@ -188,12 +188,11 @@ def procedural_first_frame(cfg: BuildConfig, prompt: str, seed: int) -> tuple[np
     """The procedural source's first frame for a prompt at the generation size (the scene
     distribution of ``source.synthetic``) and the scene seed it came from."""
     from datagen.models.tiny_dit import first_frame_for_prompt
-    from datagen.sources.synthetic import SyntheticConfig
+    from datagen.sources.procedural import synthetic_config
 
     g = cfg.generation
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.source.synthetic.items()}
-    settings.update(num_frames=1, height=g.height, width=g.width)
-    return first_frame_for_prompt(prompt, seed, SyntheticConfig(**settings))
+    settings = {**cfg.source.synthetic, "num_frames": 1, "height": g.height, "width": g.width}
+    return first_frame_for_prompt(prompt, seed, synthetic_config(settings))
 
 
 def read_first_frame(path: str, height: int, width: int) -> np.ndarray:
