@@ -213,7 +213,9 @@ def prepare_build(
     note = None
     known = training_vocabulary(cfg.model.model_id)
     if kind == "text-to-video" and known is not None:
-        note = vocabulary_note(prompts, known, cfg.model.model_id)
+        # The prompts this build generates (--limit may take a part of the bank).
+        planned = {u.prompt.id: u.prompt for t in plan.shards for u in t.units}
+        note = vocabulary_note(list(planned.values()), known, cfg.model.model_id)
     return BuildRequest(cfg, prompts, plan, out, limit, shortfall, note)
 
 

@@ -175,6 +175,11 @@ def test_build_prints_the_vocabulary_note_once(tmp_path, run_cli):
     notes = [line for line in out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith("note: 2 of 3 prompts")
     assert "'golden'" in notes[0]
+    # The note counts the prompts this build generates: the first one alone is all known words.
+    code, out, _ = run_cli(
+        "build", "--prompts", bank, "--out", tmp_path / "o", "--dry-run", "--limit", "1"
+    )
+    assert code == 0 and "note:" not in out
     # Models whose training words the project does not know get no note.
     code, out, _ = run_cli(
         "build", "--prompts", bank, "--out", tmp_path / "o", "--dry-run", "--preset", "tiny-random"
