@@ -51,8 +51,8 @@ import numpy as np
 
 from datagen.analysis.tapvid import DELTAS, EVAL_MODES, evaluate_tracks, evaluate_videos
 from datagen.sources.synthetic import SyntheticConfig, render_synthetic_video
-from datagen.track.base import make_tracker
 from datagen.track.qc import QCConfig, run_qc
+from datagen.track.registry import make_tracker
 
 __all__ = ["calibrate", "format_report", "EVAL_HW"]
 
@@ -104,7 +104,7 @@ def calibrate(
     """Score ``tracker_name`` and the QC on ``num_videos`` procedural videos.
 
     Args:
-        tracker_name, tracker_settings: passed to :func:`~datagen.track.base.make_tracker`.
+        tracker_name, tracker_settings: passed to :func:`~datagen.track.registry.make_tracker`.
         num_videos: how many videos; video ``k`` is ``render_synthetic_video(synthetic,
             seed + k)``. Use seeds that were not used to tune the tracker or the QC (held out).
         synthetic: scene distribution; None = ``SyntheticConfig()`` (24 frames of 128x96, 4

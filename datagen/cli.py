@@ -31,14 +31,14 @@ def _quiet_libraries() -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from datagen.build import prepare_build, run_build
-    from datagen.config import resolve_config
-    from datagen.sources.text_to_video import capture_spec
+    from datagen.capture.products import capture_spec
+    from datagen.config import SOURCE_KINDS, resolve_config
     from datagen.summary import qc_warning, summary_lines
 
     overrides = list(args.set)
     if args.source:
         kind, *rest = args.source
-        choices = ("text-to-video", "synthetic", "videos")
+        choices = SOURCE_KINDS
         if kind not in choices:
             raise UserError(f"--source {kind}: choose one of {', '.join(choices)}")
         if (kind == "videos") != bool(rest) or len(rest) > 1:
@@ -129,7 +129,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from datagen.calibrate import calibrate, format_report
     from datagen.config import parse_overrides
     from datagen.sources.procedural import synthetic_config
-    from datagen.track.base import make_tracker
+    from datagen.track.registry import make_tracker
 
     settings: dict = {}
     for section, values in parse_overrides(args.set).items():

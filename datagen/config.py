@@ -22,12 +22,25 @@ from datagen.errors import UserError
 if TYPE_CHECKING:
     from datagen.track.queries import QuerySampler
 
+SOURCE_KINDS = ("text-to-video", "synthetic", "videos")
 FIRST_FRAME_KINDS = ("prompt", "procedural")
 QC_REJECTED_MODES = ("drop", "keep", "separate")
 TINY_MODEL_ID = "datagen/tiny-random-cogvideox"
 """The random-weight tiny CogVideoX, built from configs (fast tests, ``--preset tiny-random``)."""
 TRAINED_TINY_ID = "datagen/tiny-cogvideox"
 """The trained tiny DiT shipped with the package (``--preset tiny``, the default)."""
+TINY_WAN_ID = "datagen/tiny-random-wan"
+"""The random-weight tiny Wan 2.1, built from configs (``--preset tiny-random-wan``)."""
+TINY_HUNYUAN_ID = "datagen/tiny-random-hunyuanvideo"
+"""The random-weight tiny HunyuanVideo, built from configs (``--preset tiny-random-hunyuan``)."""
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
+"""The negative prompt of the Wan 2.1 model cards' examples (English rendering)."""
 
 
 @dataclass
@@ -192,14 +205,14 @@ class BuildConfig:
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def _paper_capture(num_layers: int, match_layer: int) -> CaptureConfig:
-    # Features (135-216 MB per layer and step) for the paper's best layer at late steps;
-    # correspondence arrays (small) for every layer at every tenth step and the last.
+def _paper_capture(num_layers: int, match_layer: int, steps: int = 50) -> CaptureConfig:
+    # Features (135 MB to 1.5 GB per layer and step) for one layer at the last two steps;
+    # correspondence arrays (small) for every layer at every fifth of the schedule and the last.
     return CaptureConfig(
         feature_layers=[match_layer],
-        feature_steps=[44, 49],
+        feature_steps=[steps - 6, steps - 1],
         corr_layers=list(range(num_layers)),
-        corr_steps=[0, 9, 19, 29, 39, 49],
+        corr_steps=sorted({round(i * steps / 5) - 1 for i in range(1, 6)} | {0}),
     )
 
 
@@ -223,7 +236,7 @@ def _tiny_trained() -> BuildConfig:
     # The shipped trained DiT: 8 frames of 32x32 pixels, 6 layers; its two last layers are
     # captured at the last two of 6 DDIM steps. The synthetic source defaults to the
     # distribution it was trained on (its held-out seeds are the evaluation set).
-    from datagen.models.tiny_dit import train_video_settings
+    from datagen.models.tiny_spec import train_video_settings
 
     return BuildConfig(
         preset="tiny",
@@ -248,34 +261,104 @@ def _tiny_trained() -> BuildConfig:
     )
 
 
+def _real(
+    name: str, model: ModelConfig, gen: GenerationConfig, capture: CaptureConfig
+) -> BuildConfig:
+    """A preset for a public checkpoint: CoTracker3 labels on a 20x20 grid, small shards."""
+    return BuildConfig(
+        preset=name,
+        model=model,
+        generation=gen,
+        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
+        capture=capture,
+        shards=ShardConfig(max_samples=16),
+    )
+
+
 PRESETS: dict[str, BuildConfig] = {
     "tiny": _tiny_trained(),
-    # Random weights make noise that QC rejects: the preset exercises the whole pipeline
-    # (fast tests), so it keeps those samples rather than dropping them.
+    # Random weights make noise that QC rejects: the tiny-random presets exercise the whole
+    # pipeline of each family (fast tests), so they keep those samples rather than drop them.
     "tiny-random": BuildConfig(preset="tiny-random", qc=QCSettings(rejected="keep")),
-    "cogvideox-2b": BuildConfig(
-        preset="cogvideox-2b",
-        model=ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
-        generation=_paper_generation(),
-        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
-        capture=_paper_capture(30, 17),
-        shards=ShardConfig(max_samples=16),
+    "tiny-random-wan": BuildConfig(
+        preset="tiny-random-wan",
+        model=ModelConfig(family="wan", model_id=TINY_WAN_ID),
+        qc=QCSettings(rejected="keep"),
     ),
-    "cogvideox-5b-i2v": BuildConfig(
-        preset="cogvideox-5b-i2v",
-        model=ModelConfig(model_id="THUDM/CogVideoX-5b-I2V", dtype="bfloat16"),
-        generation=_paper_generation(first_frame="prompt"),
-        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
-        capture=_paper_capture(42, 17),
-        shards=ShardConfig(max_samples=16),
+    "tiny-random-hunyuan": BuildConfig(
+        preset="tiny-random-hunyuan",
+        model=ModelConfig(family="hunyuanvideo", model_id=TINY_HUNYUAN_ID),
+        qc=QCSettings(rejected="keep"),
     ),
-    "cogvideox-5b": BuildConfig(
-        preset="cogvideox-5b",
-        model=ModelConfig(model_id="THUDM/CogVideoX-5b", dtype="bfloat16"),
-        generation=_paper_generation(),
-        tracker=TrackerConfig(name="cotracker3_offline", grid_size=20),
-        capture=_paper_capture(42, 17),
-        shards=ShardConfig(max_samples=16),
+    # DiffTrack's settings: 49 frames at 480x720, 50 steps, default guidance; features of the
+    # paper's best matching layer (17).
+    "cogvideox-2b": _real(
+        "cogvideox-2b",
+        ModelConfig(model_id="THUDM/CogVideoX-2b", dtype="float16"),
+        _paper_generation(),
+        _paper_capture(30, 17),
+    ),
+    "cogvideox-5b": _real(
+        "cogvideox-5b",
+        ModelConfig(model_id="THUDM/CogVideoX-5b", dtype="bfloat16"),
+        _paper_generation(),
+        _paper_capture(42, 17),
+    ),
+    "cogvideox-5b-i2v": _real(
+        "cogvideox-5b-i2v",
+        ModelConfig(model_id="THUDM/CogVideoX-5b-I2V", dtype="bfloat16"),
+        _paper_generation(first_frame="prompt"),
+        _paper_capture(42, 17),
+    ),
+    # The model card's settings: 81 frames at 768x1360, 16 fps (temporal patch 2: the layout
+    # pads one latent frame in front).
+    "cogvideox1.5-5b": _real(
+        "cogvideox1.5-5b",
+        ModelConfig(model_id="THUDM/CogVideoX1.5-5B", dtype="bfloat16"),
+        _paper_generation(num_frames=81, height=768, width=1360, fps=16),
+        _paper_capture(42, 17),
+    ),
+    # Wan 2.1 model cards: 81 frames, 480x832 (1.3B) or 720x1280 (14B), 50 steps, guidance
+    # 5, 16 fps, 512 text tokens and their negative prompt. No best matching layer is
+    # published for Wan: features of the middle layer.
+    "wan2.1-t2v-1.3b": _real(
+        "wan2.1-t2v-1.3b",
+        ModelConfig(family="wan", model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype="bfloat16"),
+        _paper_generation(
+            num_frames=81,
+            height=480,
+            width=832,
+            guidance_scale=5.0,
+            fps=16,
+            max_sequence_length=512,
+            negative_prompt=WAN_NEGATIVE_PROMPT,
+        ),
+        _paper_capture(30, 15),
+    ),
+    "wan2.1-t2v-14b": _real(
+        "wan2.1-t2v-14b",
+        ModelConfig(family="wan", model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", dtype="bfloat16"),
+        _paper_generation(
+            num_frames=81,
+            height=720,
+            width=1280,
+            guidance_scale=5.0,
+            fps=16,
+            max_sequence_length=512,
+            negative_prompt=WAN_NEGATIVE_PROMPT,
+        ),
+        _paper_capture(40, 20),
+    ),
+    # DiffTrack's HunyuanVideo settings: 49 frames at 480x720, 30 steps, the default
+    # (embedded) guidance 6; 256 text tokens, 24 fps. 60 joint-attention layers (20 dual-,
+    # 40 single-stream); features of the middle one.
+    "hunyuanvideo": _real(
+        "hunyuanvideo",
+        ModelConfig(
+            family="hunyuanvideo", model_id="hunyuanvideo-community/HunyuanVideo", dtype="bfloat16"
+        ),
+        _paper_generation(num_inference_steps=30, fps=24, max_sequence_length=256),
+        _paper_capture(60, 30, steps=30),
     ),
 }
 
@@ -478,9 +561,9 @@ def check_config(cfg: BuildConfig) -> None:
         cfg.qc.thresholds()
     except ValueError as exc:
         raise UserError(f"qc: {exc} (--set qc.FIELD=VALUE)") from None
-    if cfg.source.kind not in ("text-to-video", "synthetic", "videos"):
+    if cfg.source.kind not in SOURCE_KINDS:
         raise UserError(
-            f"source '{cfg.source.kind}' is not one of text-to-video, synthetic, videos (--source)"
+            f"source '{cfg.source.kind}' is not one of {', '.join(SOURCE_KINDS)} (--source)"
         )
     try:
         query_sampler(cfg)

@@ -54,8 +54,10 @@ def estimate_sample_bytes(cfg: BuildConfig) -> int:
     g = cfg.generation
     pixels = g.num_frames * g.height * g.width
     if cfg.source.kind == "synthetic":
-        s = cfg.source.synthetic
-        frames, h, w = s.get("num_frames", 24), s.get("height", 96), s.get("width", 128)
+        from datagen.sources.synthetic import synthetic_config
+
+        s = synthetic_config(cfg.source.synthetic)
+        frames, h, w = s.num_frames, s.height, s.width
         points = query_points_bound(cfg)
         masks = frames * h * w // 8  # int16 masks of a few objects compress poorly in npy
         return (
@@ -80,10 +82,10 @@ def query_points_bound(cfg: BuildConfig, first_frame: bool = False) -> int:
 
     sampler = query_sampler(cfg)
     if sampler is None:  # a synthetic build's own points
-        s = cfg.source.synthetic
-        return int(s.get("points_per_sprite", 48)) * int(s.get("num_sprites", 4)) + int(
-            s.get("background_points", 96)
-        )
+        from datagen.sources.synthetic import synthetic_config
+
+        s = synthetic_config(cfg.source.synthetic)
+        return s.points_per_sprite * s.num_sprites + s.background_points
     if first_frame and sampler.method == "strided":
         return sampler.grid_size**2
     return sampler.max_points(cfg.generation.num_frames)
@@ -95,25 +97,15 @@ def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tu
     The token grid and attention width come from the model family's geometry (read from a
     local model folder's configs when there is one); ``heads_dim`` overrides the width.
     """
+    from datagen.capture.products import capture_spec
     from datagen.models import get_family
-    from datagen.sources.text_to_video import capture_spec
 
     cap = capture_spec(cfg)
     if not cap.enabled:
         return 0, 0
-    g = cfg.generation
-    family = get_family(cfg.model.family)
-    geometry = getattr(family, "geometry", None)
-    if geometry is not None:
-        geo = geometry(cfg.model)
-        temporal, spatial, patch, patch_t = geo.temporal, geo.spatial, geo.patch, geo.patch_t
-        heads_dim = heads_dim or geo.heads_dim
-    else:  # families without a geometry: the common 4x / 8x VAE and patch 2
-        temporal, spatial, patch, patch_t = 4, 8, 2, 1
-        heads_dim = heads_dim or 30 * 64
-    latent_f = (g.num_frames - 1) // temporal + 1
-    f = -(-latent_f // patch_t)
-    h, w = g.height // (spatial * patch), g.width // (spatial * patch)
+    geo = get_family(cfg.model.family).geometry(cfg.model)
+    heads_dim = heads_dim or geo.heads_dim
+    f, h, w = geo.token_grid(cfg.generation)
     n = query_points_bound(cfg, first_frame=True)
     pairs = len(cap.corr_layers) * len(cap.corr_steps)
     # per (layer, step): forward match/prob/confidence/mass (N x F x 5 x 4 B), soft (N x F x 8),

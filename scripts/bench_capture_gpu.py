@@ -23,19 +23,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from datagen.capture.recorder import CaptureSpec, Recorder
+from datagen.models.cogvideox import CogVideoXFamily
 
-from datagen.capture.recorder import CaptureSpec, Recorder  # noqa: E402
-from datagen.models.cogvideox import CogVideoXFamily  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # THUDM/CogVideoX-2b transformer/config.json (the fields that differ from diffusers' defaults
 # are spelled out; the rest are the defaults it also uses).
@@ -115,7 +111,6 @@ def main() -> None:
     text = torch.randn(2, config["max_text_seq_length"], config["text_embed_dim"], generator=g)
     latents, text = latents.to(device, dtype), text.to(device, dtype)
     timestep = torch.full((2,), 999, device=device)
-    pipe = SimpleNamespace(transformer=model)
     family = CogVideoXFamily()
     tokens = torch.randperm(h * w, generator=g)[: min(args.queries, h * w)].sort().values
 
@@ -126,7 +121,7 @@ def main() -> None:
             recorder = Recorder(spec, batch=1, query_tokens=tokens, token_grid=(lat_f, h, w))
             recorder.resolve_steps([999])
             recorder.begin_forward(0, 999, slice(1, 2))  # CogVideoX: conditional rows second
-            restore = family.install_processors(pipe, recorder)
+            restore = family.install_processors(model, recorder)
         sync(device)
         t = time.perf_counter()
         with torch.no_grad():

@@ -51,17 +51,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from datagen.capture import fused as fused_kernels  # noqa: E402
-from datagen.capture.correspondence import (  # noqa: E402
+from datagen.capture import fused as fused_kernels
+from datagen.capture.correspondence import (
     DEFAULT_FWD_CHUNK,
     DEFAULT_ROW_CHUNK_CPU,
     compute_correspondence,
     token_grid_xy,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = dict(heads=8, frames=5, height=12, width=16, dim=64, text=32, queries=64)
 

@@ -37,9 +37,9 @@ import time
 import cv2
 import numpy as np
 
-from datagen.track.base import make_tracker
 from datagen.track.lk import DISTracker, LKTracker, to_gray
 from datagen.track.queries import grid_queries
+from datagen.track.registry import make_tracker
 
 
 def moving_texture(height: int, width: int, num_frames: int, velocity, seed: int) -> np.ndarray:

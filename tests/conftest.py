@@ -22,5 +22,14 @@ def run_cli(capsys):
     return run
 
 
-def pytest_configure(config):
-    sys.path.insert(0, str(ROOT))
+def load_script(name: str):
+    """A script of ``scripts/`` as a module (scripts are not a package), loaded by path."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses of the script look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -70,8 +70,8 @@ def test_manifest_counts_and_members(built):
 
 def test_qc_flags_match_a_recomputation(built):
     from datagen.sample import npy_load
-    from datagen.track.base import make_tracker
     from datagen.track.qc import QCConfig, run_qc
+    from datagen.track.registry import make_tracker
 
     root, *_ = built
     s = next(iter(open_dataset(root / "a")))
@@ -113,7 +113,7 @@ def test_loader_yields_frames_of_configured_size_and_labels(built):
 
 def test_labels_are_computed_on_the_decoded_video(built):
     """Re-tracking the stored (decoded) video reproduces the stored tracks exactly."""
-    from datagen.track.base import make_tracker
+    from datagen.track.registry import make_tracker
 
     root, *_ = built
     s = next(iter(open_dataset(root / "a")))

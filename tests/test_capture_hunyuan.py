@@ -7,7 +7,6 @@ Everything runs on tiny random-weight models built from configs (no download).""
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +21,6 @@ from datagen.models.hunyuanvideo import (
     attention_layers,
     build_tiny_hunyuan_pipeline,
     build_tiny_hunyuan_transformer,
-    install_capture_on_transformer,
 )
 
 # Latent of the bare-transformer tests: 3 latent frames of 8x12 -> token grid (3, 4, 6).
@@ -39,6 +37,9 @@ class KeepAll(Recorder):
         self.kept[(layer, self.step)] = {
             k: None if v is None else v.detach().clone() for k, v in got.items()
         }
+
+
+MODEL = ModelConfig(family="hunyuanvideo", model_id="hunyuanvideo-community/HunyuanVideo")
 
 
 def _keep_all(layers, steps, batch, grid=GRID):
@@ -167,7 +168,7 @@ def test_recomputed_masked_attention_matches_layer_output(case):
         return fn
 
     handles = [layers[i].register_forward_hook(hook(i), with_kwargs=True) for i in (0, 1)]
-    remove = install_capture_on_transformer(transformer, rec, [700])
+    remove = HunyuanVideoFamily().capture_transformer(transformer, rec, [700], guidance=False)
     try:
         with torch.no_grad():
             transformer(**_inputs(transformer, _mask(rows)))
@@ -210,7 +211,7 @@ def test_capture_leaves_transformer_output_bit_identical_and_remove_restores():
     with torch.no_grad():
         plain = transformer(**inputs)[0]
         rec = _keep_all((0, 1, 2, 3), (0,), batch=2)
-        remove = install_capture_on_transformer(transformer, rec, [700])
+        remove = HunyuanVideoFamily().capture_transformer(transformer, rec, [700], guidance=False)
         try:
             captured = transformer(**inputs)[0]
         finally:
@@ -351,17 +352,33 @@ def test_one_forward_per_step_and_only_asked_pairs_are_recorded(pipe):
 
 
 def test_true_cfg_records_the_conditional_pass_only(pipe):
+    """The plugin offers no true CFG, but the shared step clock must still record only the
+    "cond" pass when the pipeline runs one (diffusers' ``true_cfg_scale``, called directly)."""
     fam = HunyuanVideoFamily()
     gen = _gen(num_inference_steps=2)
     grid = fam.layout(pipe, gen).token_grid
     plain = _keep_all((0, 1), (0,), batch=2, grid=grid)
     _run_counting(pipe, plain, lambda: fam.generate(pipe, PROMPTS, ["", ""], [1, 2], gen))
-    cfg_gen = copy.copy(gen)
-    cfg_gen.true_cfg_scale = 3.0  # read by generate(); two forwards per step
     rec = _keep_all((0, 1), (0, 1), batch=2, grid=grid)
-    shapes = _run_counting(
-        pipe, rec, lambda: fam.generate(pipe, PROMPTS, ["blurry", "ugly"], [1, 2], cfg_gen)
-    )
+
+    def true_cfg():
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        with torch.inference_mode():
+            pipe(
+                prompt=PROMPTS,
+                negative_prompt=["blurry", "ugly"],
+                true_cfg_scale=3.0,
+                height=gen.height,
+                width=gen.width,
+                num_frames=gen.num_frames,
+                num_inference_steps=gen.num_inference_steps,
+                guidance_scale=gen.guidance_scale,
+                generator=generators,
+                output_type="np",
+                max_sequence_length=gen.max_sequence_length,
+            )
+
+    shapes = _run_counting(pipe, rec, true_cfg)
     assert len(shapes) == 2 * gen.num_inference_steps
     assert sorted(rec.kept) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert sorted(rec.step_timesteps) == [0, 1]
@@ -372,12 +389,27 @@ def test_true_cfg_records_the_conditional_pass_only(pipe):
             assert torch.equal(rec.kept[(layer, 0)][name], t), (layer, name)
 
 
+def test_negative_prompts_are_refused_before_loading():
+    from datagen.prompts import Prompt
+
+    fam = HunyuanVideoFamily()
+    fam.check_prompts([Prompt(id="a", prompt="a dog", source="p.txt:1")], _gen(), MODEL)
+    with pytest.raises(UserError, match=r"p.txt:2: a negative prompt.*distilled"):
+        fam.check_prompts(
+            [Prompt(id="b", prompt="a cat", negative_prompt="blurry", source="p.txt:2")],
+            _gen(),
+            MODEL,
+        )
+    with pytest.raises(UserError, match=r"generation.negative_prompt is set"):
+        fam.check_prompts([], _gen(negative_prompt="blurry"), MODEL)
+
+
 # 5. Size checks, layout of the released model, errors --------------------------------------
 
 
 def test_check_generation_rejects_bad_sizes():
     fam = HunyuanVideoFamily()
-    fam.check_generation(_gen(num_frames=129, height=720, width=1280))
+    fam.check_generation(_gen(num_frames=129, height=720, width=1280), MODEL)
     for bad, match in (
         (dict(num_frames=10), "num_frames=10.*4k\\+1"),
         (dict(num_frames=128), "num_frames=128"),
@@ -385,7 +417,7 @@ def test_check_generation_rejects_bad_sizes():
         (dict(width=1272), "width=1272.*multiple of 16"),
     ):
         with pytest.raises(UserError, match=match):
-            fam.check_generation(_gen(**bad))
+            fam.check_generation(_gen(**bad), MODEL)
 
 
 def test_layout_of_the_released_size():

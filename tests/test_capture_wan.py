@@ -9,19 +9,20 @@ config: 4x time, 8x space) and a flow-matching scheduler, with no tokenizer or t
 text comes in as ``prompt_embeds`` (or a stubbed ``encode_prompt``).
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from datagen.capture.recorder import CaptureSpec, Recorder
-from datagen.config import GenerationConfig
+from datagen.config import GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.models.wan import (
     TINY_CONFIG,
     WanCaptureProcessor,
     WanFamily,
     build_tiny_wan_transformer,
-    install_capture_on_transformer,
 )
 
 # Latent (B, C, F, H, W) of 9 frames at 64x96 pixels: 3 x 8 x 12 -> 3 x 4 x 6 tokens.
@@ -50,6 +51,9 @@ class KeepAll(Recorder):
         self.kept[(layer, self.step)] = {
             k: None if v is None else v.detach().clone() for k, v in got.items()
         }
+
+
+MODEL = ModelConfig(family="wan", model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 
 
 def _inputs(dtype=torch.float32, seed=0):
@@ -98,9 +102,7 @@ def _tiny_pipeline(transformer=None):
 def test_recomputed_attention_matches_layer_output():
     transformer = build_tiny_wan_transformer()
     rec = KeepAll(CaptureSpec((0, 1), (0,), (), ()), batch=2, token_grid=GRID)
-    remove = install_capture_on_transformer(
-        transformer, rec, cfg_passes=2, schedule_fn=lambda: [999]
-    )
+    remove = WanFamily().capture_transformer(transformer, rec, [999], guidance=True)
     outputs = {}
 
     def hook(layer):
@@ -164,9 +166,7 @@ def test_capture_leaves_the_output_bit_identical(variant):
         query_tokens=torch.tensor([0, 5, 11]),
         token_grid=GRID,
     )
-    remove = install_capture_on_transformer(
-        transformer, rec, cfg_passes=2, schedule_fn=lambda: [999]
-    )
+    remove = WanFamily().capture_transformer(transformer, rec, [999], guidance=True)
     assert all(isinstance(b.attn1.processor, WanCaptureProcessor) for b in transformer.blocks)
     assert not any(isinstance(b.attn2.processor, WanCaptureProcessor) for b in transformer.blocks)
     captured = _forward(transformer, latent, text, **extra)
@@ -235,29 +235,33 @@ def test_layout_predicts_token_index_through_patch_embedding_and_rope():
     assert layout.sequence_index(1, 0, 0) == GRID[1] * GRID[2], "no text in the sequence"
 
 
-@pytest.mark.parametrize("cfg_passes", [2, 1])
-def test_step_accounting_records_only_the_conditional_pass(cfg_passes):
+@pytest.mark.parametrize("passes", [("cond", "uncond"), ("cond",), (None,)])
+def test_step_accounting_records_only_the_conditional_pass(passes):
+    """Passes labelled as WanPipeline labels them (``cache_context``): "cond" then "uncond"
+    with CFG, "cond" alone without; an unlabelled forward is a step of its own."""
     transformer = build_tiny_wan_transformer()
     schedule = [999, 600, 200]
     rec = KeepAll(CaptureSpec((1,), (1,), (), ()), batch=2, token_grid=GRID)
-    remove = install_capture_on_transformer(
-        transformer, rec, cfg_passes=cfg_passes, schedule_fn=lambda: schedule
-    )
+    remove = WanFamily().capture_transformer(transformer, rec, schedule, guidance=True)
     latent, text = _inputs()
     try:
         for t in schedule:
-            for _ in range(cfg_passes):
-                _forward(transformer, latent, text, t=float(t))
+            for label in passes:
+                context = transformer.cache_context(label) if label else contextlib.nullcontext()
+                with context:
+                    _forward(transformer, latent, text, t=float(t))
     finally:
         remove()
     all_rows = slice(0, 2)
-    if cfg_passes == 2:
-        expect = [(s, t, c) for s, t in enumerate(schedule) for c in (all_rows, None)]
-    else:
-        expect = [(s, t, all_rows) for s, t in enumerate(schedule)]
+    expect = [
+        (s, t, None if label == "uncond" else all_rows)
+        for s, t in enumerate(schedule)
+        for label in passes
+    ]
     assert rec.forwards == expect
     assert rec.records == [(1, 1)], "only layer 1 at step 1, once, on the conditional call"
     assert rec.step_timesteps == {0: 999, 1: 600, 2: 200}
+    assert "cache_context" not in transformer.__dict__, "remove() restores the method"
 
 
 def test_pipeline_calls_the_conditional_pass_first():
@@ -289,7 +293,7 @@ def test_pipeline_calls_the_conditional_pass_first():
 
     def reference(embeds):
         ref = KeepAll(CaptureSpec((1,), (0,), (), ()), batch=2, token_grid=GRID)
-        undo = install_capture_on_transformer(pipe.transformer, ref, 1, lambda: schedule)
+        undo = WanFamily().capture_transformer(pipe.transformer, ref, schedule, guidance=False)
         _forward(pipe.transformer, latent, embeds, t=float(pipe.scheduler.timesteps[0]))
         undo()
         return ref.kept[(1, 0)]["q_video"]
@@ -318,7 +322,7 @@ def test_generate_with_capture_gives_the_same_video():
         num_frames=5, height=32, width=48, num_inference_steps=2, guidance_scale=5.0
     )
     fam = WanFamily()
-    fam.check_generation(gen)
+    fam.check_generation(gen, MODEL)
     args = (pipe, ["a dog runs", "a car turns"], ["", "blurry"], [1, 2], gen)
     plain = fam.generate(*args)
     layout = fam.layout(pipe, gen)
@@ -343,13 +347,13 @@ def test_generate_with_capture_gives_the_same_video():
 
 def test_check_generation_and_layout_of_the_real_size():
     fam = WanFamily()
-    fam.check_generation(GenerationConfig(num_frames=81, height=480, width=832))
+    fam.check_generation(GenerationConfig(num_frames=81, height=480, width=832), MODEL)
     with pytest.raises(UserError, match=r"num_frames=80: Wan needs 4k\+1 frames"):
-        fam.check_generation(GenerationConfig(num_frames=80, height=480, width=832))
+        fam.check_generation(GenerationConfig(num_frames=80, height=480, width=832), MODEL)
     with pytest.raises(UserError, match=r"height=472: Wan needs a multiple of 16"):
-        fam.check_generation(GenerationConfig(num_frames=81, height=472, width=832))
+        fam.check_generation(GenerationConfig(num_frames=81, height=472, width=832), MODEL)
     with pytest.raises(UserError, match=r"width=840: Wan needs a multiple of 16"):
-        fam.check_generation(GenerationConfig(num_frames=81, height=480, width=840))
+        fam.check_generation(GenerationConfig(num_frames=81, height=480, width=840), MODEL)
     # A real WanPipeline whose tiny VAE keeps the default (Wan 2.1) compression config.
     layout = fam.layout(_tiny_pipeline(), GenerationConfig(num_frames=81, height=480, width=832))
     assert layout.token_grid == (21, 30, 52)

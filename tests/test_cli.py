@@ -28,7 +28,8 @@ def bank(tmp_path):
         (
             ["build", "--prompts", "{bank}", "--out", "{tmp}/out", "--preset", "huge"],
             "unknown preset 'huge'; choose one of: cogvideox-2b, cogvideox-5b, cogvideox-5b-i2v, "
-            "tiny, tiny-random (--preset)",
+            "cogvideox1.5-5b, hunyuanvideo, tiny, tiny-random, tiny-random-hunyuan, "
+            "tiny-random-wan, wan2.1-t2v-1.3b, wan2.1-t2v-14b (--preset)",
         ),
         (
             ["build", "--prompts", "{bank}", "--out", "{bank}/sub"],

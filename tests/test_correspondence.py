@@ -11,7 +11,6 @@ from datagen.capture.correspondence import (
     CorrespondenceResult,
     compute_correspondence,
     token_grid_xy,
-    token_index_from_xy,
 )
 
 HEADS, FRAMES, GH, GW, DIM, TEXT, NQ = 3, 4, 5, 6, 8, 7, 10
@@ -310,9 +309,6 @@ def test_empty_queries(fused):
 def test_token_helpers():
     grid = token_grid_xy(2, 3)
     assert grid.tolist() == [[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [0.5, 1.5], [1.5, 1.5], [2.5, 1.5]]
-    idx = token_index_from_xy(torch.tensor([[0.0, 0.0], [2.9, 0.2], [0.1, 1.0], [3.0, 2.0]]), 2, 3)
-    assert idx.tolist() == [0, 2, 3, 5]
-    assert torch.equal(token_index_from_xy(grid, 2, 3), torch.arange(6))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -31,8 +31,9 @@ import pytest
 import torch
 
 from datagen.errors import UserError
-from datagen.track.base import TRACKER_FACTORIES, Tracker, make_tracker
+from datagen.track.base import Tracker
 from datagen.track.cotracker import CoTrackerTracker, support_grid
+from datagen.track.registry import TRACKER_FACTORIES, make_tracker
 
 H, W = 30, 50  # deliberately not 3:4, so x and y scale differently
 HM, WM = 384, 512

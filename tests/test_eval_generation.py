@@ -4,25 +4,20 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from datagen.models import tiny_dit
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ev():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import eval_generation
-    finally:
-        sys.path.pop(0)
-    return eval_generation
+    return load_script("eval_generation")
 
 
 def test_pan_words_read_only_the_camera_clause(ev):

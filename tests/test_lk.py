@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from datagen.track import lk as lk_module
-from datagen.track.base import Tracker, TrackResult, make_tracker, register_tracker
+from datagen.track.base import Tracker, TrackResult
 from datagen.track.lk import DISTracker, LKTracker, bilinear_sample
+from datagen.track.registry import make_tracker, register_tracker
 
 H, W = 96, 128
 
@@ -341,9 +342,9 @@ def test_make_tracker_registry(monkeypatch):
     with pytest.raises(ValueError, match="tracker 'lk'"):
         make_tracker("lk", window=3)
 
-    from datagen.track import base
+    from datagen.track import registry
 
-    monkeypatch.setattr(base, "TRACKER_FACTORIES", dict(base.TRACKER_FACTORIES))
+    monkeypatch.setattr(registry, "TRACKER_FACTORIES", dict(registry.TRACKER_FACTORIES))
     register_tracker("lk7", lambda **kw: LKTracker(win_size=7, **kw))
     assert make_tracker("lk7").settings()["win_size"] == 7
 

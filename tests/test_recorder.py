@@ -75,8 +75,8 @@ def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_comput
     import safetensors.numpy
 
     from datagen.capture.batched import batched_correspondence
+    from datagen.capture.products import capture_products, corr_tokens, token_rows
     from datagen.layout import TokenLayout
-    from datagen.sources.text_to_video import capture_products, corr_tokens, token_rows
     from datagen.track.queries import QuerySampler
 
     frames, h, w, heads, d = 3, 4, 5, 2, 8
@@ -102,8 +102,9 @@ def test_per_point_arrays_gathered_from_distinct_tokens_equal_a_per_point_comput
     rec.begin_forward(0, 999, slice(0, 2))
     rec.record(0, q, k, kt)
     for b in range(2):
-        meta, corr, _ = capture_products(spec, rec, b, rows[b])
-        got = safetensors.numpy.load(corr)
+        made = capture_products(spec, rec, b, rows[b])
+        meta = made.meta
+        got = safetensors.numpy.load(made.correspondence)
         first = queries[b][queries[b][:, 0] == 0]
         assert meta["corr_points"] == len(first) == 9
         own = torch.from_numpy(

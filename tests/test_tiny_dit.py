@@ -4,7 +4,6 @@ training script."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from datagen.layout import TokenLayout
 from datagen.models import tiny_dit
 from datagen.models.pixel_vae import PixelSpaceVAE
 from datagen.sources.synthetic import SpriteSpec, SyntheticConfig, render_synthetic_video
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,11 +193,7 @@ def test_shipped_model_beats_the_pixel_patch_baseline_at_the_lowest_noise(lowest
 
 
 def test_init_from_copies_weights_and_zero_fills_new_input_channels(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny_dit
-    finally:
-        sys.path.pop(0)
+    train_tiny_dit = load_script("train_tiny_dit")
     from safetensors.torch import load_file, save_file
 
     # A text-to-video checkpoint (3 input channels) starts an image-to-video model (6).
@@ -235,11 +231,7 @@ def test_init_from_copies_weights_and_zero_fills_new_input_channels(tmp_path):
 
 
 def test_training_script_runs_resumes_and_exports(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny_dit
-    finally:
-        sys.path.pop(0)
+    train_tiny_dit = load_script("train_tiny_dit")
     out = tmp_path / "run"
     common = ["--out", str(out), "--pool", "6", "--batch", "2", "--eval-videos", "2"]
     common += ["--init-from", str(tiny_dit.SHIPPED_DIR)]

@@ -91,7 +91,6 @@ __all__ = [
     "CorrespondenceResult",
     "compute_correspondence",
     "token_grid_xy",
-    "token_index_from_xy",
 ]
 
 DEFAULT_ROW_CHUNK_CPU = 128
@@ -120,21 +119,6 @@ def token_grid_xy(
         indexing="ij",
     )
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1) + 0.5
-
-
-def token_index_from_xy(xy: torch.Tensor | np.ndarray, h: int, w: int) -> torch.Tensor:
-    """Token index ``y * w + x`` of the token containing each ``(x, y)`` point (token units).
-
-    ``xy`` is ``(..., 2)`` in the raster convention of this module (a token spans ``[x, x+1)``);
-    points on or past the far edge are clamped into the grid, so ``(w, h)`` maps to the
-    bottom-right token. Returns a long tensor of shape ``xy.shape[:-1]``.
-    """
-    xy = torch.as_tensor(xy)
-    if xy.shape[-1:] != (2,):
-        raise ValueError(f"points must have shape (..., 2), got {tuple(xy.shape)}")
-    tx = torch.floor(xy[..., 0]).long().clamp(0, w - 1)
-    ty = torch.floor(xy[..., 1]).long().clamp(0, h - 1)
-    return ty * w + tx
 
 
 @dataclass

@@ -8,12 +8,11 @@ from tqdm import tqdm
 
 from datagen.config import BuildConfig
 from datagen.plan import ShardTask
+from datagen.worker import ShardWorker
 
 
 class LocalExecutor:
     def run(self, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool = True):
-        from datagen.build import ShardWorker
-
         if not tasks:
             return []
         total = sum(len(t.units) for t in tasks)

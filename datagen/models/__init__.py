@@ -1,9 +1,18 @@
-"""Model families, one module each; ``get_family(name)`` picks the plugin."""
+"""Model families, one module each; ``get_family(name)`` picks the plugin.
+
+Importing this package imports no torch: the family modules load when a family is asked for.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from datagen.errors import UserError
-from datagen.models.base import ModelFamily
+
+if TYPE_CHECKING:
+    from datagen.models.base import ModelFamily
+
+FAMILIES = ("cogvideox", "hunyuanvideo", "wan")
 
 
 def get_family(name: str) -> ModelFamily:
@@ -19,7 +28,7 @@ def get_family(name: str) -> ModelFamily:
         from datagen.models.hunyuanvideo import HunyuanVideoFamily
 
         return HunyuanVideoFamily()
-    raise UserError(f"unknown model.family '{name}'; choose one of: cogvideox, hunyuanvideo, wan")
+    raise UserError(f"unknown model.family '{name}'; choose one of: {', '.join(FAMILIES)}")
 
 
 def training_vocabulary(model_id: str) -> frozenset[str] | None:
@@ -34,4 +43,4 @@ def training_vocabulary(model_id: str) -> frozenset[str] | None:
     return None
 
 
-__all__ = ["ModelFamily", "get_family", "training_vocabulary"]
+__all__ = ["FAMILIES", "get_family", "training_vocabulary"]

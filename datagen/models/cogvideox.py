@@ -8,30 +8,43 @@ holds video frames 4f-3 .. 4f) and 8x in space; the transformer patches 2x2.
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from datagen.capture.recorder import Recorder
 from datagen.config import TINY_MODEL_ID, TRAINED_TINY_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
 from datagen.models.base import (
+    CaptureProcessor,
     Geometry,
-    check_video_size,
-    generate_frames,
+    ModelFamily,
+    component_config,
+    from_built,
+    local_folder,
     offline_hint,
-    resolve_device,
+    vae_posterior_mode,
 )
+from datagen.models.tiny_spec import SHIPPED_DIR
 
-TEMPORAL_COMPRESSION = 4
-SPATIAL_COMPRESSION = 8
 PIPELINE_CLASSES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
+
+KNOWN_GEOMETRY = {
+    TINY_MODEL_ID: Geometry(4, 8, 2, 1, 2 * 16, 2),
+    "THUDM/CogVideoX-2b": Geometry(4, 8, 2, 1, 30 * 64, 30),
+    "THUDM/CogVideoX-5b": Geometry(4, 8, 2, 1, 48 * 64, 42),
+    "THUDM/CogVideoX-5b-I2V": Geometry(4, 8, 2, 1, 48 * 64, 42),
+    "THUDM/CogVideoX1.5-5B": Geometry(4, 8, 2, 2, 48 * 64, 42),
+    "THUDM/CogVideoX1.5-5B-I2V": Geometry(4, 8, 2, 2, 48 * 64, 42),
+}
+"""Geometry of the public checkpoints (their transformer and VAE configs), for size estimates
+and checks before the weights are on this machine."""
+UNKNOWN_GEOMETRY = Geometry(4, 8, 2, 1, 30 * 64, None)
+"""A checkpoint whose configs are not here and not in the table: CogVideoX-2B's layout."""
 
 
 def is_image_to_video(pipe: Any) -> bool:
@@ -39,15 +52,21 @@ def is_image_to_video(pipe: Any) -> bool:
     return type(pipe).__name__ == "CogVideoXImageToVideoPipeline"
 
 
+def _checkpoint(model: ModelConfig) -> ModelConfig:
+    """Where a model's files are: the shipped trained tiny model lives in the package."""
+    if model.model_id == TRAINED_TINY_ID:
+        return ModelConfig(model_id=str(SHIPPED_DIR))
+    return model
+
+
 def is_image_to_video_checkpoint(model_id: str) -> bool | None:
-    """Whether a checkpoint is CogVideoX-I2V, from its local ``model_index.json`` (None when
-    it cannot be told before loading: a hub id not on this machine)."""
+    """Whether a checkpoint is CogVideoX-I2V, from its ``model_index.json`` when it is on this
+    machine (None when it cannot be told before loading: a hub id not on this machine)."""
     if model_id == TINY_MODEL_ID:
         return False
-    folder = _local_folder(model_id)
-    if folder is None:
+    index = component_config(_checkpoint(ModelConfig(model_id=model_id)), "", "model_index.json")
+    if index is None:
         return True if model_id.endswith("-I2V") else None
-    index = _read_json(folder / "model_index.json") or {}
     return index.get("_class_name") == "CogVideoXImageToVideoPipeline"
 
 
@@ -67,60 +86,31 @@ def first_frame_latents(clean: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _local_folder(model_id: str) -> Path | None:
-    """The folder a model id names on this machine: the shipped trained tiny model, or an
-    existing local directory; None for hub ids."""
-    if model_id == TRAINED_TINY_ID:
-        from datagen.models.tiny_dit import SHIPPED_DIR
-
-        return SHIPPED_DIR
-    path = Path(model_id).expanduser()
-    return path if path.is_dir() else None
-
-
-# heads x head dim of the public checkpoints, for size estimates before loading.
-_KNOWN_HEADS_DIM = {
-    "THUDM/CogVideoX-2b": 30 * 64,
-    "THUDM/CogVideoX-5b": 48 * 64,
-    "THUDM/CogVideoX-5b-I2V": 48 * 64,
-    "THUDM/CogVideoX1.5-5B": 48 * 64,
-}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class CogVideoXFamily:
+class CogVideoXFamily(ModelFamily):
     name = "cogvideox"
+    title = "CogVideoX"
+    folder_example = "/path/to/CogVideoX"
+    builtin_ids = (TRAINED_TINY_ID, TINY_MODEL_ID)
 
-    def geometry(self, cfg: ModelConfig | None = None) -> Geometry:
-        """Compressions, patches and attention width of ``cfg``'s model, read from the local
-        folder's configs when there is one (the shipped trained tiny model works on pixels
-        with patch 4), else the public CogVideoX layout."""
-        model_id = cfg.model_id if cfg is not None else TINY_MODEL_ID
-        if model_id == TINY_MODEL_ID:
-            return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, 2, 1, 2 * 16)
-        folder = _local_folder(model_id)
-        if folder is not None:
-            t = _read_json(folder / "transformer" / "config.json")
-            v = _read_json(folder / "vae" / "config.json")
-            if t and v:
-                return Geometry(
-                    int(v.get("temporal_compression_ratio", TEMPORAL_COMPRESSION)),
-                    2 ** (len(v.get("block_out_channels", [0] * 4)) - 1),
-                    int(t.get("patch_size", 2)),
-                    int(t.get("patch_size_t") or 1),
-                    int(t.get("num_attention_heads", 30)) * int(t.get("attention_head_dim", 64)),
-                )
-        patch_t = 2 if "1.5" in model_id else 1
-        heads_dim = _KNOWN_HEADS_DIM.get(model_id, 30 * 64)
-        return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, 2, patch_t, heads_dim)
+    def geometry(self, model: ModelConfig) -> Geometry:
+        """From the checkpoint's transformer and VAE configs when they are on this machine
+        (the shipped trained tiny model works on pixels with patch 4), else from
+        :data:`KNOWN_GEOMETRY`."""
+        if model.model_id in KNOWN_GEOMETRY:
+            return KNOWN_GEOMETRY[model.model_id]
+        where = _checkpoint(model)
+        t = component_config(where, "transformer")
+        v = component_config(where, "vae")
+        if t and v:
+            return Geometry(
+                int(v.get("temporal_compression_ratio", 4)),
+                2 ** (len(v.get("block_out_channels", [0] * 4)) - 1),
+                int(t.get("patch_size", 2)),
+                int(t.get("patch_size_t") or 1),
+                int(t.get("num_attention_heads", 30)) * int(t.get("attention_head_dim", 64)),
+                int(t.get("num_layers", 30)),
+            )
+        return UNKNOWN_GEOMETRY
 
     def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
         """An image-to-video checkpoint taking first frames from the prompts needs an image
@@ -131,18 +121,7 @@ class CogVideoXFamily:
             if p.image is None:
                 raise UserError(no_image_message(p.source, model.model_id))
 
-    def check_generation(self, gen: GenerationConfig, model: ModelConfig | None = None) -> None:
-        geo = self.geometry(model)
-        check_video_size(
-            gen,
-            "CogVideoX",
-            temporal=geo.temporal,
-            spatial=geo.spatial,
-            patch=geo.patch,
-            frame_examples="9, 17, 49" if geo.temporal == 4 else "8, 16",
-        )
-
-    def load_pipeline(self, cfg: ModelConfig) -> Any:
+    def load(self, cfg: ModelConfig, dtype: torch.dtype) -> Any:
         """Text-to-video (``CogVideoXPipeline``) or image-to-video
         (``CogVideoXImageToVideoPipeline``), whichever the checkpoint's ``model_index.json``
         names; any other pipeline class is refused."""
@@ -152,28 +131,20 @@ class CogVideoXFamily:
         # diffusers loads only from modules already imported.
         import datagen.models.pixel_vae  # noqa: F401
 
-        dtype = getattr(torch, cfg.dtype)
-        device = resolve_device(cfg.device)
         if cfg.model_id == TINY_MODEL_ID:
-            from datagen.models.tiny_cogvideox import save_tiny_pipeline
+            from datagen.models.tiny_cogvideox import build_tiny_pipeline
 
-            # Through a folder and from_pretrained, so the tiny model takes the same loading
-            # path as a real checkpoint.
-            with tempfile.TemporaryDirectory(prefix="datagen-tiny-") as tmp:
-                folder = save_tiny_pipeline(Path(tmp) / "pipe")
-                pipe = CogVideoXPipeline.from_pretrained(str(folder), dtype=dtype)
-        else:
-            folder = _local_folder(cfg.model_id)
-            source = str(folder) if folder is not None else cfg.model_id
-            with offline_hint(cfg.model_id, "/path/to/CogVideoX"):
-                pipe = DiffusionPipeline.from_pretrained(source, revision=cfg.revision, dtype=dtype)
-            if type(pipe).__name__ not in PIPELINE_CLASSES:
-                raise UserError(
-                    f"model '{cfg.model_id}' is a {type(pipe).__name__}; model.family=cogvideox "
-                    f"takes {' or '.join(PIPELINE_CLASSES)} (set model.family to match the model)"
-                )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+            return from_built(build_tiny_pipeline, CogVideoXPipeline.from_pretrained, dtype=dtype)
+        folder = local_folder(_checkpoint(cfg).model_id)
+        source = str(folder) if folder is not None else cfg.model_id
+        with offline_hint(cfg.model_id, self.folder_example):
+            pipe = DiffusionPipeline.from_pretrained(source, revision=cfg.revision, dtype=dtype)
+        if type(pipe).__name__ not in PIPELINE_CLASSES:
+            raise UserError(
+                f"model '{cfg.model_id}' is a {type(pipe).__name__}; model.family=cogvideox "
+                f"takes {' or '.join(PIPELINE_CLASSES)} (set model.family to match the model)"
+            )
+        return pipe
 
     def layout(self, pipe: Any, gen: GenerationConfig) -> TokenLayout:
         tcfg = pipe.transformer.config
@@ -184,100 +155,45 @@ class CogVideoXFamily:
         latent_frames = (gen.num_frames - 1) // vae_t + 1
         # CogVideoX 1.5 prepends padding latent frames up to a multiple of patch_size_t.
         pad = (-latent_frames) % patch_t
-        return TokenLayout(
-            family=self.name,
-            num_frames=gen.num_frames,
-            height=gen.height,
-            width=gen.width,
-            vae_compression=(vae_t, vae_s, vae_s),
-            patch_size=(patch_t, patch, patch),
-            text_tokens=int(gen.max_sequence_length),
-            text_position="first",
+        return self.token_layout(
+            gen,
+            (vae_t, vae_s),
+            (patch_t, patch, patch),
+            int(gen.max_sequence_length),
+            "first",
             pad_front=pad,
             rope=bool(tcfg.use_rotary_positional_embeddings),
         )
 
-    def install_capture(self, pipe: Any, recorder: Recorder, guidance: bool) -> Callable[[], None]:
-        """Put capture processors on the recorder's layers and count denoising steps.
+    def attention_layers(self, transformer: Any) -> list[Any]:
+        return [block.attn1 for block in transformer.transformer_blocks]
 
-        CogVideoX runs both CFG branches in one batched forward per step, negative first, so
-        the conditional rows are the second half. Returns a function that undoes it all.
-        """
-        transformer = pipe.transformer
-        restore = self.install_processors(pipe, recorder)
-        calls = {"n": 0}
+    def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
+        return CogVideoXCaptureProcessor(recorder, layer)
 
-        def before_forward(module, args, kwargs):
-            if calls["n"] == 0:
-                recorder.resolve_steps([int(t) for t in pipe.scheduler.timesteps])
-            batch = kwargs["hidden_states"].shape[0]
-            cond = slice(batch // 2, batch) if guidance else slice(0, batch)
-            timestep = kwargs["timestep"]
-            recorder.begin_forward(calls["n"], int(timestep.reshape(-1)[0]), cond)
-            calls["n"] += 1
-
-        handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
-
-        def remove() -> None:
-            handle.remove()
-            restore()
-
-        return remove
-
-    def install_processors(self, pipe: Any, recorder: Recorder) -> Callable[[], None]:
-        """Capture processors on the recorder's layers (no step counting); returns the undo."""
-        blocks = pipe.transformer.transformer_blocks
-        bad = [i for i in recorder.spec.layers if not 0 <= i < len(blocks)]
-        if bad:
-            raise UserError(
-                f"capture layers {bad} do not exist: the transformer has {len(blocks)} layers "
-                f"(0..{len(blocks) - 1}); fix capture.*_layers"
-            )
-        originals = {}
-        for i in recorder.spec.layers:
-            originals[i] = blocks[i].attn1.processor
-            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(recorder, i))
-
-        def restore() -> None:
-            for i, proc in originals.items():
-                blocks[i].attn1.set_processor(proc)
-
-        return restore
+    def conditional_rows(self, label: str | None, batch: int, guidance: bool) -> slice | None:
+        """Both CFG branches run in one batched forward per step, negative first: the
+        conditional rows are the second half."""
+        return slice(batch // 2, batch) if guidance else slice(0, batch)
 
     def encode_video(self, pipe: Any, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (B, T, H, W, 3) -> the latents the transformer denoises, (B, F', C, h, w):
-        the VAE posterior mode times the VAE scaling factor."""
-        vae = pipe.vae
-        x = torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 4, 1, 2, 3)
-        x = (x.float() / 127.5 - 1.0).to(device=vae.device, dtype=vae.dtype)
-        with torch.inference_mode():
-            z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        """uint8 (B, T, H, W, 3) -> (B, F', C, h, w): the VAE posterior mode times the VAE
+        scaling factor, frames before channels as the transformer takes them."""
+        z = vae_posterior_mode(pipe.vae, frames) * pipe.vae.config.scaling_factor
         return z.permute(0, 2, 1, 3, 4).contiguous()
 
-    def encode_text(self, pipe: Any, prompts: list[str], gen: GenerationConfig) -> torch.Tensor:
-        with torch.inference_mode():
-            emb, _ = pipe.encode_prompt(
-                prompts,
-                do_classifier_free_guidance=False,
-                max_sequence_length=gen.max_sequence_length,
-                device=pipe.transformer.device,
-            )
-        return emb
+    timestep_dtype = torch.long
 
-    def denoiser_forward(
-        self,
-        pipe: Any,
-        latents: torch.Tensor,
-        text_emb: torch.Tensor,
-        timestep: int,
-        clean: torch.Tensor | None = None,
-    ) -> None:
-        """One transformer forward at ``timestep`` (its output is not needed: the capture
-        processors take what they record on the way). An image-to-video model also gets the
-        first frame of ``clean`` (the un-noised latents) as its image latents."""
-        transformer = pipe.transformer
+    def add_noise(self, pipe: Any, clean: Tensor, noise: Tensor, timestep: float) -> Tensor:
+        """The DDPM forward process of the model's scheduler (its ``add_noise``)."""
+        t = torch.tensor([int(timestep)], device=clean.device, dtype=torch.long)
+        return pipe.scheduler.add_noise(clean, noise, t)
+
+    def forward_inputs(self, pipe: Any, latents: Tensor, clean: Tensor | None) -> dict[str, Any]:
+        """RoPE tables (5B, 1.5) and, for an image-to-video model, the first frame of
+        ``clean`` as its image latents, concatenated along channels."""
         rope = None
-        if transformer.config.use_rotary_positional_embeddings:
+        if pipe.transformer.config.use_rotary_positional_embeddings:
             s = pipe.vae_scale_factor_spatial
             rope = pipe._prepare_rotary_positional_embeddings(
                 latents.shape[3] * s, latents.shape[4] * s, latents.shape[1], latents.device
@@ -286,43 +202,25 @@ class CogVideoXFamily:
             if clean is None:
                 raise ValueError("an image-to-video model's forward needs the clean latents")
             latents = torch.cat([latents, first_frame_latents(clean).to(latents.dtype)], dim=2)
-        t = torch.full((latents.shape[0],), int(timestep), device=latents.device)
-        with torch.inference_mode():
-            transformer(
-                hidden_states=latents.to(transformer.dtype),
-                encoder_hidden_states=text_emb.to(transformer.dtype),
-                timestep=t,
-                image_rotary_emb=rope,
-                return_dict=False,
-            )
+        return {"hidden_states": latents, "image_rotary_emb": rope}
 
     def takes_first_frame(self, pipe: Any) -> bool:
         return is_image_to_video(pipe)
 
-    def generate(
-        self,
-        pipe: Any,
-        prompts: list[str],
-        negative_prompts: list[str],
-        seeds: list[int],
-        gen: GenerationConfig,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Text-to-video, or image-to-video from ``images`` (one uint8 (H, W, 3) first frame
-        per prompt, at the generation size) when the pipeline is CogVideoX-I2V."""
+    def pipeline_kwargs(
+        self, pipe: Any, negs: list[str], gen: GenerationConfig, images: list[np.ndarray] | None
+    ) -> dict[str, Any]:
+        """Image-to-video takes ``images`` (one uint8 (H, W, 3) first frame per prompt, at
+        the generation size) when the pipeline is CogVideoX-I2V."""
         if not is_image_to_video(pipe):
-            if images is not None:
-                raise ValueError("first frames given to a text-to-video CogVideoX pipeline")
-            return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
-        if images is None or len(images) != len(prompts):
+            return super().pipeline_kwargs(pipe, negs, gen, images)
+        if images is None or len(images) != len(negs):
             raise ValueError("an image-to-video CogVideoX pipeline needs one first frame a prompt")
         image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-        return generate_frames(
-            pipe, prompts, seeds, gen, negative_prompt=negative_prompts, image=image
-        )
+        return {"negative_prompt": negs, "image": image}
 
 
-class CogVideoXCaptureProcessor:
+class CogVideoXCaptureProcessor(CaptureProcessor):
     """CogVideoX joint attention that also hands its q/k to a recorder.
 
     The computation is the one diffusers' CogVideoXAttnProcessor2_0 performs, in the same
@@ -330,10 +228,6 @@ class CogVideoXCaptureProcessor:
     only the keyword arguments a processor's signature names (``image_rotary_emb`` would
     silently be lost behind ``**kwargs``).
     """
-
-    def __init__(self, recorder: Recorder, layer: int):
-        self.recorder = recorder
-        self.layer = layer
 
     def __call__(
         self,
@@ -396,8 +290,11 @@ class _QKCollector:
     """The recorder interface of :class:`CogVideoXCaptureProcessor`, keeping float q/k of every
     row (one forward, no CFG split): for analysis and training-time evaluation."""
 
-    def __init__(self, token_grid: tuple[int, int, int]):
+    def __init__(self, token_grid: tuple[int, int, int], layers: list[int]):
+        from types import SimpleNamespace
+
         self.token_grid = token_grid
+        self.spec = SimpleNamespace(layers=tuple(layers))
         self.cond = slice(None)
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -424,13 +321,10 @@ def capture_qk(
         latents.shape[3] // int(cfg.patch_size),
         latents.shape[4] // int(cfg.patch_size),
     )
-    collector = _QKCollector(grid)
-    blocks = transformer.transformer_blocks
-    layers = list(range(len(blocks))) if layers is None else layers
-    originals = {i: blocks[i].attn1.processor for i in layers}
+    layers = list(range(len(transformer.transformer_blocks))) if layers is None else layers
+    collector = _QKCollector(grid, layers)
+    restore = CogVideoXFamily().install_processors(transformer, collector)  # type: ignore[arg-type]
     try:
-        for i in layers:
-            blocks[i].attn1.set_processor(CogVideoXCaptureProcessor(collector, i))
         with torch.inference_mode():
             transformer(
                 hidden_states=latents,
@@ -439,6 +333,5 @@ def capture_qk(
                 return_dict=False,
             )
     finally:
-        for i, proc in originals.items():
-            blocks[i].attn1.set_processor(proc)
+        restore()
     return collector.qk

@@ -24,40 +24,47 @@ then single-stream blocks, ``n_dual .. n_dual+n_single-1`` (``single_transformer
 n_dual]``). For the released model: 0..19 dual, 20..59 single.
 
 Guidance: the released model is guidance-DISTILLED; ``guidance_scale`` is an input embedding,
-and the pipeline runs ONE forward per step. True CFG (``true_cfg_scale > 1`` with a negative
-prompt) runs two separate forwards per step, the conditional one first, each inside
-``transformer.cache_context("cond"/"uncond")``; capture reads that label (see
-:func:`install_capture_on_transformer`).
+and the pipeline runs ONE forward per step, inside ``transformer.cache_context("cond")``. This
+plugin does not offer diffusers' optional true CFG (``true_cfg_scale`` with negative prompts,
+a second "uncond" forward per step); the shared step clock
+(:meth:`datagen.models.base.ModelFamily.capture_transformer`) would still record only the
+"cond" pass.
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from datagen.capture.recorder import Recorder
-from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
+from datagen.config import TINY_HUNYUAN_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
 from datagen.models.base import (
-    check_video_size,
-    generate_frames,
+    CaptureProcessor,
+    Geometry,
+    ModelFamily,
+    component_config,
+    from_built,
     offline_hint,
-    resolve_device,
+    vae_posterior_mode,
 )
 
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
 PATCH = 2
-TINY_HUNYUAN_MODEL_ID = "datagen/tiny-random-hunyuanvideo"
+TINY_HUNYUAN_MODEL_ID = TINY_HUNYUAN_ID
 """``model.model_id`` that builds the tiny random-weight pipeline locally (offline runs)."""
 WEIGHT_SEED = 20250618
+
+KNOWN_GEOMETRY = {
+    TINY_HUNYUAN_MODEL_ID: Geometry(4, 8, 2, 1, 2 * 16, 2),
+    "hunyuanvideo-community/HunyuanVideo": Geometry(4, 8, 2, 1, 24 * 128, 60),
+}
+"""Geometry of the public checkpoint (20 dual- and 40 single-stream blocks, 24 heads x 128),
+for size estimates and checks before the weights are on this machine."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +109,18 @@ def _key_mask(
     return m.expand(batch, seq_len)
 
 
-class HunyuanCaptureProcessor:
+def _project(
+    attn: Any, x: torch.Tensor, projections: tuple[str, str, str], norms: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``x`` through ``attn``'s three named projections, split into heads
+    (B, S, heads, d), q and k through ``attn.<norms>q`` / ``<norms>k`` when present: the ops of
+    diffusers' processor, in its order."""
+    q, k, v = (getattr(attn, name)(x).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = getattr(attn, norms + "q"), getattr(attn, norms + "k")
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+class HunyuanCaptureProcessor(CaptureProcessor):
     """HunyuanVideo joint attention that also hands its q/k/v to a recorder.
 
     The computation is the one diffusers' ``HunyuanVideoAttnProcessor2_0`` performs (diffusers
@@ -126,15 +144,6 @@ class HunyuanCaptureProcessor:
     reproduce the attention. The softmax scale is the default ``1/sqrt(d)``.
     """
 
-    # Attention backend settings diffusers' ``set_attention_backend`` puts on processors;
-    # install copies the replaced processor's values so the same kernel runs.
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, recorder: Recorder, layer: int):
-        self.recorder = recorder
-        self.layer = layer
-
     def __call__(
         self,
         attn: Any,
@@ -143,76 +152,40 @@ class HunyuanCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         # Single-stream: join [video, text] so one set of projections handles both.
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        # 1. QKV projections; tensors are (B, S, heads, d) from here on.
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        # 2. QK normalization
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        # 1-2. QKV projections and QK normalisation; (B, S, heads, d) from here on.
+        query, key, value = _project(attn, hidden_states, ("to_q", "to_k", "to_v"), "norm_")
 
         # 3. RoPE on the video tokens only (in single-stream blocks the text tail is skipped)
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
+            n_text = 0
             if attn.add_q_proj is None and encoder_hidden_states is not None:
-                query = torch.cat(
-                    [
-                        apply_rotary_emb(
-                            query[:, : -encoder_hidden_states.shape[1]],
-                            image_rotary_emb,
-                            sequence_dim=1,
-                        ),
-                        query[:, -encoder_hidden_states.shape[1] :],
-                    ],
-                    dim=1,
-                )
-                key = torch.cat(
-                    [
-                        apply_rotary_emb(
-                            key[:, : -encoder_hidden_states.shape[1]],
-                            image_rotary_emb,
-                            sequence_dim=1,
-                        ),
-                        key[:, -encoder_hidden_states.shape[1] :],
-                    ],
-                    dim=1,
-                )
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                n_text = encoder_hidden_states.shape[1]
+
+            def rope(t: torch.Tensor) -> torch.Tensor:
+                if not n_text:
+                    return apply_rotary_emb(t, image_rotary_emb, sequence_dim=1)
+                video = apply_rotary_emb(t[:, :-n_text], image_rotary_emb, sequence_dim=1)
+                return torch.cat([video, t[:, -n_text:]], dim=1)
+
+            query, key = rope(query), rope(key)
 
         # 4. Dual-stream: the text's own projections and norms, appended AFTER the video.
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
-            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
-            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
-
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
-
-            query = torch.cat([query, encoder_query], dim=1)
-            key = torch.cat([key, encoder_key], dim=1)
-            value = torch.cat([value, encoder_value], dim=1)
+            text = _project(
+                attn,
+                encoder_hidden_states,
+                ("add_q_proj", "add_k_proj", "add_v_proj"),
+                "norm_added_",
+            )
+            query = torch.cat([query, text[0]], dim=1)
+            key = torch.cat([key, text[1]], dim=1)
+            value = torch.cat([value, text[2]], dim=1)
 
         # Capture: q/k/v are now exactly what the attention below consumes.
         if self.recorder.wants(self.layer):
@@ -220,18 +193,7 @@ class HunyuanCaptureProcessor:
             self._record(query, key, value, text_len, attention_mask)
 
         # 5. Attention
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self.attend(query, key, value, attention_mask)
 
         # 6. Output projection (dual-stream only; single-stream attention has neither)
         if encoder_hidden_states is not None:
@@ -288,144 +250,70 @@ class HunyuanCaptureProcessor:
 
 
 # --------------------------------------------------------------------------------------------
-# Installing capture
-
-
-def install_capture_on_transformer(
-    transformer: Any,
-    recorder: Recorder,
-    schedule: Sequence[int] | Callable[[], Sequence[int]],
-) -> Callable[[], None]:
-    """Put capture processors on the recorder's layers of a bare transformer and keep the
-    recorder's step, timestep and conditional rows current; return a function undoing it.
-
-    ``schedule``: the scheduler's timesteps, or a function returning them, read at the first
-    forward (a pipeline sets its timesteps only just before the denoising loop) and handed to
-    ``recorder.resolve_steps``.
-
-    Steps: each transformer forward starts a new step unless it is the second pass of a true-CFG
-    step. ``HunyuanVideoPipeline`` wraps each forward in ``transformer.cache_context(name)``
-    with name ``"cond"`` (first) or ``"uncond"`` (only with true CFG); this wraps
-    ``cache_context`` to read the name. A forward labelled ``"uncond"`` records nothing
-    (``cond=None``); any other forward is conditional in all its rows (each pass holds one
-    branch, never a CFG batch). A label already seen in the current step, or no label (a bare
-    forward), starts the next step.
-
-    Raises UserError for layers outside ``0 .. n_dual+n_single-1``.
-    """
-    layers = attention_layers(transformer)
-    bad = [i for i in recorder.spec.layers if not 0 <= i < len(layers)]
-    if bad:
-        n_dual = len(transformer.transformer_blocks)
-        raise UserError(
-            f"capture layers {bad} do not exist: HunyuanVideo has {len(layers)} attention layers "
-            f"(0..{n_dual - 1} dual-stream, {n_dual}..{len(layers) - 1} single-stream); fix "
-            "capture.*_layers"
-        )
-    originals: dict[int, Any] = {}
-    for i in recorder.spec.layers:
-        attn = layers[i]
-        originals[i] = attn.processor
-        proc = HunyuanCaptureProcessor(recorder, i)
-        proc._attention_backend = getattr(attn.processor, "_attention_backend", None)
-        proc._parallel_config = getattr(attn.processor, "_parallel_config", None)
-        attn.set_processor(proc)
-
-    state: dict[str, Any] = {"step": -1, "seen": set(), "label": None}
-
-    # Read the pipeline's pass label: wrap the bound method with an instance attribute, so
-    # ``del`` restores the class's method.
-    shadowed = transformer.__dict__.get("cache_context")
-    original_context = transformer.cache_context
-
-    @contextlib.contextmanager
-    def labelled_context(name: str, **kwargs: Any) -> Iterator[None]:
-        previous = state["label"]
-        state["label"] = name
-        try:
-            with original_context(name, **kwargs):
-                yield
-        finally:
-            state["label"] = previous
-
-    transformer.cache_context = labelled_context
-
-    def before_forward(module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        label = state["label"]
-        if state["step"] < 0:
-            steps = schedule() if callable(schedule) else schedule
-            recorder.resolve_steps([int(t) for t in steps])
-        if state["step"] < 0 or label is None or label in state["seen"]:
-            state["step"] += 1
-            state["seen"] = set()
-        state["seen"].add(label)
-        cond = None if label == "uncond" else slice(0, hidden.shape[0])
-        recorder.begin_forward(state["step"], int(timestep.reshape(-1)[0]), cond)
-
-    handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
-
-    def remove() -> None:
-        handle.remove()
-        if shadowed is None:
-            del transformer.cache_context
-        else:
-            transformer.cache_context = shadowed
-        for i, proc in originals.items():
-            layers[i].set_processor(proc)
-
-    return remove
-
-
-# --------------------------------------------------------------------------------------------
 # The family
 
 
-class HunyuanVideoFamily:
-    """HunyuanVideo text-to-video (diffusers ``HunyuanVideoPipeline``)."""
+class HunyuanVideoFamily(ModelFamily):
+    """HunyuanVideo text-to-video (diffusers ``HunyuanVideoPipeline``).
+
+    Guidance is the distilled, embedded kind (``guidance_scale``, one forward per step); true
+    classifier-free guidance with negative prompts is not offered (the model card samples
+    without it), so prompts with a negative prompt are refused rather than silently ignored.
+    The step clock still reads the pipeline's "cond"/"uncond" pass labels, so a true-CFG
+    forward would never be recorded as the conditional branch.
+    """
 
     name = "hunyuanvideo"
+    title = "HunyuanVideo"
+    folder_example = "/path/to/HunyuanVideo (e.g. hunyuanvideo-community/HunyuanVideo)"
+    builtin_ids = (TINY_HUNYUAN_MODEL_ID,)
 
-    def check_generation(self, gen: GenerationConfig) -> None:
-        check_video_size(
-            gen,
-            "HunyuanVideo",
-            temporal=TEMPORAL_COMPRESSION,
-            spatial=SPATIAL_COMPRESSION,
-            patch=PATCH,
-            frame_examples="9, 33, 129",
-        )
+    def geometry(self, model: ModelConfig) -> Geometry:
+        """From the checkpoint's configs when they are on this machine, else from
+        :data:`KNOWN_GEOMETRY` (else the public checkpoint's, with the layer count unknown)."""
+        if model.model_id in KNOWN_GEOMETRY:
+            return KNOWN_GEOMETRY[model.model_id]
+        t = component_config(model, "transformer")
+        v = component_config(model, "vae")
+        if t and v:
+            return Geometry(
+                int(v.get("temporal_compression_ratio", TEMPORAL_COMPRESSION)),
+                int(v.get("spatial_compression_ratio", SPATIAL_COMPRESSION)),
+                int(t.get("patch_size", PATCH)),
+                int(t.get("patch_size_t") or 1),
+                int(t.get("num_attention_heads", 24)) * int(t.get("attention_head_dim", 128)),
+                int(t.get("num_layers", 20)) + int(t.get("num_single_layers", 40)),
+            )
+        return Geometry(TEMPORAL_COMPRESSION, SPATIAL_COMPRESSION, PATCH, 1, 24 * 128, None)
 
-    def load_pipeline(self, cfg: ModelConfig) -> Any:
+    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
+        """Refuse negative prompts: guidance is distilled, nothing would use them."""
+        if gen.negative_prompt:
+            raise UserError(
+                "generation.negative_prompt is set, but HunyuanVideo's guidance is distilled and "
+                "uses no negative prompt; --set generation.negative_prompt="
+            )
+        for p in prompts:
+            if p.negative_prompt:
+                raise UserError(
+                    f"{p.source}: a negative prompt, but HunyuanVideo's guidance is distilled "
+                    "and uses none; remove it from the prompt bank for this model"
+                )
+
+    def load(self, cfg: ModelConfig, dtype: torch.dtype) -> Any:
         from diffusers import HunyuanVideoPipeline
 
-        dtype = getattr(torch, cfg.dtype)
-        device = resolve_device(cfg.device)
-        if cfg.model_id == TINY_MODEL_ID:
-            raise UserError(
-                f"model.model_id '{TINY_MODEL_ID}' is a CogVideoX model; for model.family="
-                f"hunyuanvideo pass --set model.model_id=/path/to/HunyuanVideo (or "
-                f"{TINY_HUNYUAN_MODEL_ID} for the tiny random-weight model)"
-            )
         if cfg.model_id == TINY_HUNYUAN_MODEL_ID:
-            # Through a folder and from_pretrained, so the tiny model takes the same loading
-            # path as a real checkpoint.
-            with tempfile.TemporaryDirectory(prefix="datagen-tiny-") as tmp:
-                folder = Path(tmp) / "pipe"
-                build_tiny_hunyuan_pipeline().save_pretrained(str(folder))
-                pipe = HunyuanVideoPipeline.from_pretrained(str(folder), dtype=dtype)
-        else:
-            hint = "/path/to/HunyuanVideo (e.g. hunyuanvideo-community/HunyuanVideo)"
-            with offline_hint(cfg.model_id, hint):
-                pipe = HunyuanVideoPipeline.from_pretrained(
-                    cfg.model_id, revision=cfg.revision, dtype=dtype
-                )
-            # Decoding 129x720x1280 in one piece needs far more memory than the DiT; tiled
-            # decoding is what the model card uses. (It changes pixels slightly, deterministically.)
-            pipe.vae.enable_tiling()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+            load = HunyuanVideoPipeline.from_pretrained
+            return from_built(build_tiny_hunyuan_pipeline, load, dtype=dtype)
+        with offline_hint(cfg.model_id, self.folder_example):
+            pipe = HunyuanVideoPipeline.from_pretrained(
+                cfg.model_id, revision=cfg.revision, dtype=dtype
+            )
+        # Decoding 129x720x1280 in one piece needs far more memory than the DiT; tiled
+        # decoding is what the model card uses. (It changes pixels slightly, deterministically.)
+        pipe.vae.enable_tiling()
+        return pipe
 
     def layout(self, pipe: Any, gen: GenerationConfig) -> TokenLayout:
         """Token layout: text LAST, ``max_sequence_length`` text tokens (padding included).
@@ -445,60 +333,67 @@ class HunyuanVideoFamily:
                 f"generation.num_frames={gen.num_frames} gives {latent_frames} latent frames, "
                 f"not a multiple of the transformer's temporal patch {patch_t}"
             )
-        return TokenLayout(
-            family=self.name,
-            num_frames=gen.num_frames,
-            height=gen.height,
-            width=gen.width,
-            vae_compression=(vae_t, vae_s, vae_s),
-            patch_size=(patch_t, patch, patch),
-            # The pipeline crops the prompt template and pads to exactly this many tokens.
-            text_tokens=int(gen.max_sequence_length),
-            text_position="last",
+        return self.token_layout(
+            gen,
+            (vae_t, vae_s),
+            (patch_t, patch, patch),
+            int(gen.max_sequence_length),  # the template cropped, padded to exactly this
+            "last",
             rope=True,
         )
 
-    def install_capture(self, pipe: Any, recorder: Recorder, guidance: bool) -> Callable[[], None]:
-        """Put capture processors on the recorder's layers and count denoising steps.
+    def attention_layers(self, transformer: Any) -> list[Any]:
+        """The joint attentions in global layer order: dual-stream, then single-stream."""
+        return attention_layers(transformer)
 
-        ``guidance`` is accepted for the protocol but not used: callers derive it from
-        ``guidance_scale > 1``, which for HunyuanVideo is the distilled, embedded guidance
-        (still one forward per step). Which forward is the conditional one comes from the
-        pipeline's own ``cache_context`` label instead (see
-        :func:`install_capture_on_transformer`), so true CFG is handled too.
-        """
-        del guidance
-        return install_capture_on_transformer(
-            pipe.transformer, recorder, lambda: [int(t) for t in pipe.scheduler.timesteps]
+    def layer_description(self, count: int, transformer: Any | None) -> str:
+        if transformer is None:
+            return f"HunyuanVideo has {count} attention layers (0..{count - 1})"
+        n_dual = len(transformer.transformer_blocks)
+        return (
+            f"HunyuanVideo has {count} attention layers (0..{n_dual - 1} dual-stream, "
+            f"{n_dual}..{count - 1} single-stream)"
         )
 
-    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
-        """Text-to-video only: nothing to check in the prompts."""
+    def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
+        return HunyuanCaptureProcessor(recorder, layer, like=replaced)
 
-    def takes_first_frame(self, pipe: Any) -> bool:
-        """Text-to-video only (image-to-video variants are not supported by this plugin)."""
-        return False
+    def pipeline_kwargs(
+        self, pipe: Any, negs: list[str], gen: GenerationConfig, images: list[np.ndarray] | None
+    ) -> dict[str, Any]:
+        """Nothing beyond the common arguments: ``guidance_scale`` is the embedded guidance."""
+        if images is not None:
+            raise ValueError("first frames given to a text-to-video HunyuanVideo pipeline")
+        return {}
 
-    def generate(
-        self,
-        pipe: Any,
-        prompts: list[str],
-        negative_prompts: list[str],
-        seeds: list[int],
-        gen: GenerationConfig,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Generate videos: uint8 ``(B, T, H, W, 3)`` RGB.
+    def inference_timesteps(self, pipe: Any, num_steps: int) -> list[float]:
+        """HunyuanVideoPipeline's schedule: sigmas ``linspace(1, 0, n + 1)[:-1]``, shifted by
+        the scheduler."""
+        pipe.scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 0.0, num_steps + 1)[:-1]))
+        return [float(t) for t in pipe.scheduler.timesteps]
 
-        ``gen.guidance_scale`` is the embedded (distilled) guidance. Negative prompts only
-        matter with true CFG, which runs when ``gen`` has a ``true_cfg_scale`` above 1 (two
-        forwards per step, conditional first).
-        """
-        true_cfg = float(getattr(gen, "true_cfg_scale", 1.0) or 1.0)
-        cfg_kwargs: dict[str, Any] = {}
-        if true_cfg > 1:
-            cfg_kwargs = {"negative_prompt": negative_prompts, "true_cfg_scale": true_cfg}
-        return generate_frames(pipe, prompts, seeds, gen, **cfg_kwargs)
+    def encode_video(self, pipe: Any, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> (B, C, F', h, w): the posterior mode times the VAE
+        scaling factor (what the pipeline divides by before decoding)."""
+        z = vae_posterior_mode(pipe.vae, frames) * pipe.vae.config.scaling_factor
+        return z.to(pipe.transformer.dtype)
+
+    def encode_text(self, pipe: Any, prompts: list[str], gen: GenerationConfig) -> dict[str, Any]:
+        """Llama embeddings and mask, CLIP pooled embedding, and the embedded guidance."""
+        dtype = pipe.transformer.dtype
+        with torch.inference_mode():
+            emb, pooled, mask = pipe.encode_prompt(
+                prompt=prompts,
+                device=pipe.transformer.device,
+                max_sequence_length=gen.max_sequence_length,
+            )
+        guidance = torch.full((len(prompts),), float(gen.guidance_scale) * 1000.0)
+        return {
+            "encoder_hidden_states": emb.to(dtype),
+            "encoder_attention_mask": mask.to(dtype),
+            "pooled_projections": pooled.to(dtype),
+            "guidance": guidance.to(device=emb.device, dtype=dtype),
+        }
 
 
 # --------------------------------------------------------------------------------------------

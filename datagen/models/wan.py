@@ -25,48 +25,70 @@ counts forward calls to know the step and whether the current call is the condit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from datagen.capture.recorder import Recorder
-from datagen.config import TINY_MODEL_ID, GenerationConfig, ModelConfig
+from datagen.config import TINY_WAN_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
 from datagen.models.base import (
-    check_video_size,
-    generate_frames,
+    CaptureProcessor,
+    Geometry,
+    ModelFamily,
+    component_config,
+    from_built,
     offline_hint,
-    resolve_device,
+    vae_posterior_mode,
 )
 
-TEMPORAL_COMPRESSION = 4
-SPATIAL_COMPRESSION = 8
 PATCH_SIZE = (1, 2, 2)
+TINY_WAN_MODEL_ID = TINY_WAN_ID
+"""``model.model_id`` that builds the tiny random-weight Wan pipeline locally (offline runs)."""
+WEIGHT_SEED = 20250619
+
+KNOWN_GEOMETRY = {
+    TINY_WAN_MODEL_ID: Geometry(4, 8, 2, 1, 2 * 16, 2),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Geometry(4, 8, 2, 1, 12 * 128, 30),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": Geometry(4, 8, 2, 1, 40 * 128, 40),
+}
+"""Geometry of the public Wan 2.1 text-to-video checkpoints (their transformer and VAE
+configs), for size estimates and checks before the weights are on this machine."""
 
 
-class WanFamily:
+class WanFamily(ModelFamily):
     """Wan 2.1 text-to-video through diffusers' ``WanPipeline``."""
 
     name = "wan"
+    title = "Wan"
+    size_hint = ", e.g. 480x832"
+    folder_example = "/path/to/Wan2.1-T2V-Diffusers"
+    builtin_ids = (TINY_WAN_MODEL_ID,)
 
-    def check_generation(self, gen: GenerationConfig) -> None:
-        """Refuse sizes WanPipeline would silently round (frames to 4k+1, sides down to a
-        multiple of 16): the video would not have the size the config and layout record."""
-        check_video_size(
-            gen,
-            "Wan",
-            temporal=TEMPORAL_COMPRESSION,
-            spatial=SPATIAL_COMPRESSION,
-            patch=PATCH_SIZE[1],
-            frame_examples="9, 33, 81",
-            size_hint=", e.g. 480x832",
-        )
+    def geometry(self, model: ModelConfig) -> Geometry:
+        """From the checkpoint's configs when they are on this machine, else from
+        :data:`KNOWN_GEOMETRY` (else Wan2.1-T2V-1.3B's, with the layer count unknown)."""
+        if model.model_id in KNOWN_GEOMETRY:
+            return KNOWN_GEOMETRY[model.model_id]
+        t = component_config(model, "transformer")
+        v = component_config(model, "vae")
+        if t and v:
+            patch = t.get("patch_size", PATCH_SIZE)
+            return Geometry(
+                int(v.get("scale_factor_temporal", 4)),
+                int(v.get("scale_factor_spatial", 8)),
+                int(patch[1]),
+                int(patch[0]),
+                int(t.get("num_attention_heads", 12)) * int(t.get("attention_head_dim", 128)),
+                int(t.get("num_layers", 30)),
+            )
+        return Geometry(4, 8, 2, 1, 12 * 128, None)
 
-    def load_pipeline(self, cfg: ModelConfig) -> Any:
-        """Load ``WanPipeline`` from a hub id or a local diffusers folder.
+    def load(self, cfg: ModelConfig, dtype: torch.dtype) -> Any:
+        """``WanPipeline`` from a hub id or a local diffusers folder (or the tiny random-weight
+        one, :data:`TINY_WAN_MODEL_ID`).
 
         The VAE is loaded in float32 whatever ``model.dtype`` says, as the Wan model cards do:
         the pipeline casts latents to the VAE's dtype before decoding, and the Wan VAE in half
@@ -74,27 +96,23 @@ class WanFamily:
         """
         from diffusers import AutoencoderKLWan, WanPipeline
 
-        if cfg.model_id == TINY_MODEL_ID:
-            raise UserError(
-                "model.family=wan has no built-in tiny model; pass a Wan 2.1 diffusers checkpoint "
-                "with --set model.model_id=Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or a local folder)"
-            )
-        dtype = getattr(torch, cfg.dtype)
-        device = resolve_device(cfg.device)
-        with offline_hint(cfg.model_id, "/path/to/Wan2.1-T2V-Diffusers"):
-            vae = AutoencoderKLWan.from_pretrained(
-                cfg.model_id, subfolder="vae", revision=cfg.revision, dtype=torch.float32
-            )
-            pipe = WanPipeline.from_pretrained(
-                cfg.model_id, vae=vae, revision=cfg.revision, dtype=dtype
-            )
+        def load(source: str, revision: str | None) -> Any:
+            with offline_hint(cfg.model_id, self.folder_example):
+                vae = AutoencoderKLWan.from_pretrained(
+                    source, subfolder="vae", revision=revision, dtype=torch.float32
+                )
+                return WanPipeline.from_pretrained(source, vae=vae, revision=revision, dtype=dtype)
+
+        if cfg.model_id == TINY_WAN_MODEL_ID:
+            pipe = from_built(build_tiny_wan_pipeline, load, revision=None)
+        else:
+            pipe = load(cfg.model_id, cfg.revision)
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("expand_timesteps"):
             raise UserError(
                 f"model '{cfg.model_id}' is a Wan 2.2 checkpoint (two experts or per-token "
                 "timesteps); model.family=wan supports Wan 2.1 text-to-video only"
             )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return pipe
 
     def layout(self, pipe: Any, gen: GenerationConfig) -> TokenLayout:
         """Token layout of one video; reads the compression the pipeline itself uses.
@@ -105,113 +123,48 @@ class WanFamily:
         patch = tuple(int(p) for p in pipe.transformer.config.patch_size)
         vae_t = int(pipe.vae_scale_factor_temporal)
         vae_s = int(pipe.vae_scale_factor_spatial)
-        return TokenLayout(
-            family=self.name,
-            num_frames=gen.num_frames,
-            height=gen.height,
-            width=gen.width,
-            vae_compression=(vae_t, vae_s, vae_s),
-            patch_size=patch,  # type: ignore[arg-type]
-            text_tokens=0,
-            text_position="cross-attention",
+        return self.token_layout(
+            gen,
+            (vae_t, vae_s),
+            patch,  # type: ignore[arg-type]
+            0,
+            "cross-attention",
             pad_front=0,
             rope=True,
         )
 
-    def install_capture(self, pipe: Any, recorder: Recorder, guidance: bool) -> Callable[[], None]:
-        """Capture on ``pipe.transformer``; ``guidance`` must match the pipeline's own CFG switch
-        (``guidance_scale > 1``), since it decides whether a step takes one forward or two."""
-        if getattr(pipe, "transformer_2", None) is not None:
-            raise UserError("Wan 2.2 two-expert pipelines are not supported by model.family=wan")
-        return install_capture_on_transformer(
-            pipe.transformer,
-            recorder,
-            cfg_passes=2 if guidance else 1,
-            schedule_fn=lambda: [int(t) for t in pipe.scheduler.timesteps],
-        )
+    def attention_layers(self, transformer: Any) -> list[Any]:
+        """``blocks[i].attn1``, the video self-attention of each block."""
+        return [block.attn1 for block in transformer.blocks]
 
-    def check_prompts(self, prompts: list[Any], gen: GenerationConfig, model: ModelConfig) -> None:
-        """Text-to-video only: nothing to check in the prompts."""
-
-    def takes_first_frame(self, pipe: Any) -> bool:
-        """Text-to-video only (image-to-video variants are not supported by this plugin)."""
-        return False
-
-    def generate(
-        self,
-        pipe: Any,
-        prompts: list[str],
-        negative_prompts: list[str],
-        seeds: list[int],
-        gen: GenerationConfig,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Generate videos: uint8 (B, T, H, W, 3) RGB, one seeded CPU generator per video."""
-        return generate_frames(pipe, prompts, seeds, gen, negative_prompt=negative_prompts)
-
-
-def install_capture_on_transformer(
-    transformer: Any,
-    recorder: Recorder,
-    cfg_passes: int,
-    schedule_fn: Callable[[], Sequence[int]],
-) -> Callable[[], None]:
-    """Put capture processors on ``blocks[i].attn1`` for the recorder's layers and count steps.
-
-    transformer: a ``WanTransformer3DModel``. cfg_passes: forwards per denoising step, 2 with
-    classifier-free guidance (WanPipeline calls the conditional forward first, then the
-    unconditional one), 1 without. schedule_fn: returns the scheduler's timesteps; it is called
-    once, on the first forward (when the pipeline has set them), for
-    ``recorder.resolve_steps``.
-
-    Before every forward the recorder learns ``step = calls // cfg_passes``, the timestep, and
-    ``cond``: all rows ``slice(0, B)`` on the first call of a step, None (record nothing) on the
-    unconditional call. Returns a function that restores the processors and removes the hook.
-    """
-    if cfg_passes not in (1, 2):
-        raise ValueError(f"cfg_passes must be 1 or 2, got {cfg_passes}")
-    blocks = transformer.blocks
-    bad = [i for i in recorder.spec.layers if not 0 <= i < len(blocks)]
-    if bad:
-        raise UserError(
-            f"capture layers {bad} do not exist: the transformer has {len(blocks)} layers "
-            f"(0..{len(blocks) - 1}); fix capture.*_layers"
-        )
-    for i in recorder.spec.layers:
-        attn = blocks[i].attn1
+    def check_layer(self, layer: int, attn: Any) -> None:
         if attn.is_cross_attention or attn.add_k_proj is not None:
             # Not the case in any Wan 2.1 checkpoint (I2V adds its image k/v to attn2 only);
             # refuse rather than capture something that is not plain self-attention.
             raise UserError(
-                f"layer {i}: attn1 is not plain self-attention in this checkpoint; "
+                f"layer {layer}: attn1 is not plain self-attention in this checkpoint; "
                 "model.family=wan cannot capture it"
             )
-    originals: dict[int, Any] = {}
-    for i in recorder.spec.layers:
-        attn = blocks[i].attn1
-        originals[i] = attn.processor
-        attn.set_processor(WanCaptureProcessor(recorder, i, like=attn.processor))
-    calls = {"n": 0}
 
-    def before_forward(module: Any, args: tuple, kwargs: dict) -> None:
-        n = calls["n"]
-        if n == 0:
-            recorder.resolve_steps([int(t) for t in schedule_fn()])
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        conditional = n % cfg_passes == 0
-        cond = slice(0, hidden.shape[0]) if conditional else None
-        recorder.begin_forward(n // cfg_passes, int(timestep.reshape(-1)[0]), cond)
-        calls["n"] = n + 1
+    def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
+        return WanCaptureProcessor(recorder, layer, like=replaced)
 
-    handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
+    def install_capture(self, pipe: Any, recorder: Recorder, guidance: bool) -> Any:
+        """Capture on ``pipe.transformer``. WanPipeline runs CFG as two forwards a step,
+        labelled "cond" (first) and "uncond"; only the conditional one is recorded."""
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise UserError("Wan 2.2 two-expert pipelines are not supported by model.family=wan")
+        return super().install_capture(pipe, recorder, guidance)
 
-    def remove() -> None:
-        handle.remove()
-        for i, proc in originals.items():
-            blocks[i].attn1.set_processor(proc)
-
-    return remove
+    def encode_video(self, pipe: Any, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) -> (B, C, F', h, w), normalised by the VAE's per-channel
+        ``latents_mean``/``latents_std`` (what WanPipeline undoes before decoding)."""
+        vae = pipe.vae
+        z = vae_posterior_mode(vae, frames).float()
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
+        return ((z - mean) / std).to(pipe.transformer.dtype)
 
 
 def _apply_wan_rope(
@@ -232,7 +185,7 @@ def _apply_wan_rope(
     return out.type_as(hidden_states)
 
 
-class WanCaptureProcessor:
+class WanCaptureProcessor(CaptureProcessor):
     """Wan self-attention (``attn1``) that also hands its q/k/v to a recorder.
 
     Reproduces the self-attention path of diffusers' ``WanAttnProcessor`` in the same ops and
@@ -247,18 +200,6 @@ class WanCaptureProcessor:
     in the attention's dtype; ``k_text`` is None (text is cross-attention).
     """
 
-    # diffusers' set_attention_backend / context-parallel setup write these on processors.
-    _attention_backend: Any = None
-    _parallel_config: Any = None
-
-    def __init__(self, recorder: Recorder, layer: int, like: Any = None):
-        self.recorder = recorder
-        self.layer = layer
-        if like is not None:
-            # Keep the attention backend the replaced processor was set to use.
-            self._attention_backend = getattr(like, "_attention_backend", None)
-            self._parallel_config = getattr(like, "_parallel_config", None)
-
     def __call__(
         self,
         attn: Any,
@@ -267,8 +208,6 @@ class WanCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             raise RuntimeError(
                 "WanCaptureProcessor handles self-attention (attn1) only; it was called as "
@@ -311,18 +250,7 @@ class WanCaptureProcessor:
 
             rec.record(self.layer, video(query), video(key), None, v_video=video(value))
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.type_as(query)
+        hidden_states = self.attend(query, key, value, attention_mask)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -366,3 +294,49 @@ def build_tiny_wan_transformer(seed: int = 0, **overrides: Any) -> Any:
                 if "norm" in name and name.endswith("weight"):
                     param.normal_(1.0, 0.3)
     return model.eval()
+
+
+def build_tiny_wan_pipeline() -> Any:
+    """A ``WanPipeline`` with tiny random weights: :func:`build_tiny_wan_transformer`, a
+    UMT5 text encoder of 8 dims over the tiny CogVideoX tokenizer's vocabulary, a 4-channel
+    Wan VAE (8x space, 4x time) and the UniPC flow-matching scheduler of the Wan 2.1
+    checkpoints. Offline and seeded (global RNG restored)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from datagen.models.tiny_cogvideox import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    transformer = build_tiny_wan_transformer(WEIGHT_SEED)
+    channels = TINY_CONFIG["in_channels"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(WEIGHT_SEED + 1)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=TINY_CONFIG["text_dim"],
+                d_kv=4,
+                d_ff=16,
+                num_layers=1,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+            )
+        )
+        vae = AutoencoderKLWan(
+            base_dim=4,
+            z_dim=channels,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            latents_mean=[0.0] * channels,
+            latents_std=[1.0] * channels,
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        scheduler=scheduler,
+        transformer=transformer,
+    )

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from datagen.plan import WorkUnit
+
+if TYPE_CHECKING:  # the capture module imports torch; a source without capture needs none
+    from datagen.capture.products import CaptureProducts
 
 
 @dataclass
@@ -17,8 +20,8 @@ class Produced:
 
     frames: np.ndarray
     """uint8 (T, H, W, 3) RGB."""
-    capture: tuple[dict[str, Any], bytes | None, bytes | None] | None = None
-    """(capture metadata, correspondence safetensors, q/k safetensors) when captured."""
+    capture: CaptureProducts | None = None
+    """What the capture made of this video (metadata, correspondence, q/k), when captured."""
     labels: dict[str, np.ndarray] | None = None
     """Exact labels when the source knows them: tracks (N,T,2), visible (N,T), queries (N,3),
     raster coordinates; the tracker is then not run."""

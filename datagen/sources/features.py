@@ -3,7 +3,9 @@
 A video the model did not generate (a procedural video with exact tracks, or a video file)
 gets attention features the way the paper does for zero-shot tracking on real videos: encode
 it with the model's VAE, noise the latents to each chosen timestep with seeded Gaussian noise
-(``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, the scheduler's ``add_noise``), and run
+as the model was trained (CogVideoX: the DDPM forward process, ``x_t = sqrt(abar_t) x_0 +
+sqrt(1 - abar_t) eps``; Wan and HunyuanVideo: the rectified flow, ``x_t = (1 - s) x_0 + s eps``
+with ``s = t / 1000``), and run
 one forward pass of the DiT per timestep with the capture processors installed, conditioned on
 the video's prompt. Nothing is denoised; the output of the forward is not used.
 
@@ -14,49 +16,35 @@ would during generation); with ``'timestep'`` they are timesteps, run as given.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from datagen.capture.products import CaptureProducts, capture_products, corr_tokens, token_rows
 from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import BuildConfig
-from datagen.errors import UserError
-from datagen.sources.text_to_video import (
-    LazyPipeline,
-    capture_products,
-    corr_tokens,
-    token_rows,
-)
+from datagen.models.loader import LazyPipeline
 
 
 class FeaturePass(LazyPipeline):
-    """Loads the model once; captures q/k and correspondence of given videos."""
+    """Loads the model once; captures q/k and correspondence of given videos, for every model
+    family (through :class:`datagen.models.base.ModelFamily`'s feature-pass methods)."""
 
     def __init__(self, cfg: BuildConfig, spec: CaptureSpec):
         super().__init__(cfg)
         self.spec = spec
-        for need in ("encode_video", "encode_text", "denoiser_forward", "install_processors"):
-            if not hasattr(self.family, need):
-                raise UserError(
-                    f"model.family={cfg.model.family} has no feature pass for existing videos "
-                    "(cogvideox has); switch capture off for this source"
-                )
 
-    def schedule(self) -> list[tuple[int, int]]:
-        """(step label, timestep) pairs to run, in order."""
-        pipe = self.pipe
+    def schedule(self) -> list[tuple[int, float]]:
+        """(step label, timestep) pairs to run, in order, and the schedule the steps index."""
         wanted = set(self.spec.feature_steps) | set(self.spec.corr_steps)
         if self.spec.step_unit == "timestep":
             ts = sorted({int(t) for t in wanted}, reverse=True)
-            return list(enumerate(ts))
-        pipe.scheduler.set_timesteps(self.cfg.generation.num_inference_steps)
-        sched = [int(t) for t in pipe.scheduler.timesteps]
+            return [(i, float(t)) for i, t in enumerate(ts)]
+        sched = self.family.inference_timesteps(self.pipe, self.cfg.generation.num_inference_steps)
         return [(i, sched[i]) for i in sorted(wanted) if 0 <= i < len(sched)]
 
     def run(
         self, frames: np.ndarray, prompt: str, seed: int, queries: np.ndarray
-    ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
+    ) -> CaptureProducts:
         """Capture products of one video: uint8 (T, H, W, 3), its prompt, the noise seed and
         its queries (N, 3) (t, x, y) raster; correspondence covers those on frame 0."""
         pipe, fam = self.pipe, self.family
@@ -73,28 +61,27 @@ class FeaturePass(LazyPipeline):
         recorder = Recorder(self.spec, batch=1, query_tokens=tokens, token_grid=layout.token_grid)
         schedule = self.schedule()
         if self.spec.step_unit == "timestep":
-            recorder.resolve_steps([t for _, t in schedule])
+            recorder.resolve_steps([int(t) for _, t in schedule])
         else:
-            recorder.resolve_steps([int(t) for t in pipe.scheduler.timesteps])
+            recorder.resolve_steps(
+                [int(t) for t in fam.inference_timesteps(pipe, g.num_inference_steps)]
+            )
         x0 = fam.encode_video(pipe, frames[None])
         text = fam.encode_text(pipe, [prompt], g)
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
-        restore = fam.install_processors(pipe, recorder)
+        restore = fam.install_processors(pipe.transformer, recorder)
         try:
             for step, t in schedule:
-                xt = pipe.scheduler.add_noise(
-                    x0, noise, torch.tensor([t], device=x0.device, dtype=torch.long)
-                )
-                recorder.begin_forward(step, t, slice(0, 1))
-                fam.denoiser_forward(pipe, xt, text, t, clean=x0)
+                recorder.begin_forward(step, int(t), slice(0, 1))
+                fam.denoiser_forward(pipe, fam.add_noise(pipe, x0, noise, t), text, t, clean=x0)
         finally:
             restore()
-        meta, corr, feats = capture_products(self.spec, recorder, 0, rows)
-        meta["protocol"] = (
+        made = capture_products(self.spec, recorder, 0, rows)
+        made.meta["protocol"] = (
             "existing video: VAE latents noised to each step's timestep with seeded Gaussian "
             "noise, one transformer forward per timestep"
         )
-        meta["noise_seed"] = int(seed)
-        meta["prompt"] = prompt
-        return meta, corr, feats
+        made.meta["noise_seed"] = int(seed)
+        made.meta["prompt"] = prompt
+        return made

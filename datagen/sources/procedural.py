@@ -3,39 +3,26 @@ the same sample format as generated videos (plus a ``masks.npy`` member)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
-from datagen.errors import UserError
 from datagen.plan import WorkUnit
 from datagen.prompts import Prompt
 from datagen.sample import npy_bytes
 from datagen.sources.base import Produced
-from datagen.sources.synthetic import SyntheticConfig, exact_tracks, render_synthetic_video
+from datagen.sources.synthetic import (  # noqa: F401  (synthetic_config re-exported)
+    SyntheticConfig,
+    exact_tracks,
+    render_synthetic_video,
+    synthetic_config,
+)
 from datagen.track.queries import QuerySampler
 
 DESCRIPTION = (
     "procedural video: textured sprites (squares, discs, ellipses) moving, rotating and "
     "scaling over a textured background seen by a panning camera, occluding each other"
 )
-
-
-def synthetic_config(settings: dict[str, Any]) -> SyntheticConfig:
-    names = {f.name for f in dataclasses.fields(SyntheticConfig)} - {"sprites", "seed"}
-    bad = sorted(set(settings) - names)
-    if bad:
-        raise UserError(
-            f"source.synthetic: unknown field(s) {', '.join(bad)}; "
-            f"valid: {', '.join(sorted(names))}"
-        )
-    try:
-        return SyntheticConfig(
-            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"source.synthetic: {exc}") from None
 
 
 def synthetic_prompts(num_videos: int) -> list[Prompt]:

@@ -608,3 +608,25 @@ def render_synthetic_video(config: SyntheticConfig, seed: int | None = None) -> 
         meta=meta,
         scene=scene,
     )
+
+
+def synthetic_config(settings: dict[str, Any]) -> SyntheticConfig:
+    """``source.synthetic`` settings as a :class:`SyntheticConfig` (one UserError line for
+    an unknown field or a bad value)."""
+    import dataclasses
+
+    from datagen.errors import UserError
+
+    names = {f.name for f in dataclasses.fields(SyntheticConfig)} - {"sprites", "seed"}
+    bad = sorted(set(settings) - names)
+    if bad:
+        raise UserError(
+            f"source.synthetic: unknown field(s) {', '.join(bad)}; "
+            f"valid: {', '.join(sorted(names))}"
+        )
+    try:
+        return SyntheticConfig(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"source.synthetic: {exc}") from None

@@ -2,81 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
-import torch
 
-from datagen.capture.recorder import CaptureSpec, Recorder
+from datagen.capture.products import capture_products, capture_spec, corr_tokens, token_rows
+from datagen.capture.recorder import Recorder
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.layout import TokenLayout
-from datagen.models import get_family
+from datagen.models.loader import LazyPipeline
 from datagen.plan import WorkUnit
 from datagen.sources.base import Produced
-from datagen.track.queries import QuerySampler, first_frame_rows
-
-TOKEN_ARRAYS = frozenset({"match_reverse"})
-"""Correspondence arrays indexed by token rather than by query point."""
-
-
-def capture_spec(cfg: BuildConfig) -> CaptureSpec:
-    """The capture a config asks for; a layer list without steps (or the reverse) is off."""
-    c = cfg.capture
-    return CaptureSpec(
-        feature_layers=tuple(c.feature_layers) if c.feature_steps else (),
-        feature_steps=tuple(c.feature_steps) if c.feature_layers else (),
-        corr_layers=tuple(c.corr_layers) if c.corr_steps else (),
-        corr_steps=tuple(c.corr_steps) if c.corr_layers else (),
-        step_unit=c.step_unit,
-    )
-
-
-class LazyPipeline:
-    """The config's model-family pipeline and token layout, loaded on first use (once per
-    worker); shared by generation and the feature pass for existing videos."""
-
-    def __init__(self, cfg: BuildConfig):
-        self.cfg = cfg
-        self.family = get_family(cfg.model.family)
-        self._pipe = None
-        self.layout: TokenLayout | None = None
-
-    @property
-    def pipe(self) -> Any:
-        if self._pipe is None:
-            self._pipe = self.family.load_pipeline(self.cfg.model)
-            self.layout = self.family.layout(self._pipe, self.cfg.generation)
-        return self._pipe
-
-
-def frame0_tokens(layout: TokenLayout, queries: np.ndarray) -> np.ndarray:
-    """Token (index within latent frame 0) of each query on frame 0 (t == 0), in order."""
-    return layout.token_index_of_pixel(queries[first_frame_rows(queries), 1:])
-
-
-def corr_tokens(layout: TokenLayout, queries: list[np.ndarray | None]) -> torch.Tensor:
-    """Sorted distinct frame-0 tokens the online correspondence of a batch runs on.
-
-    ``queries[b]``: video b's (N, 3) queries, or None when they are not known yet (sampled
-    from the generated frames): then every token of latent frame 0 is computed. Points in one
-    token share its query, so each distinct token is computed once.
-    """
-    _, h, w = layout.token_grid
-    if not queries or any(q is None for q in queries):
-        return torch.arange(h * w if queries else 0, dtype=torch.long)
-    return torch.from_numpy(np.unique(np.concatenate([frame0_tokens(layout, q) for q in queries])))
-
-
-def token_rows(layout: TokenLayout, tokens: torch.Tensor, queries: np.ndarray) -> np.ndarray:
-    """Index into ``tokens`` of each frame-0 query of ``queries`` (tokens must hold them)."""
-    tok = frame0_tokens(layout, queries)
-    t = tokens.numpy()
-    rows = np.searchsorted(t, tok)
-    if rows.size and (rows.max() >= t.size or not np.array_equal(t[rows], tok)):
-        raise ValueError("a query's token was not among the computed correspondence tokens")
-    return rows
+from datagen.track.queries import QuerySampler
 
 
 class TextToVideoSource(LazyPipeline):
@@ -207,42 +144,3 @@ def read_first_frame(path: str, height: int, width: int) -> np.ndarray:
     return fit_size(img[None, :, :, ::-1], height, width)[0]
 
 
-def capture_products(
-    spec: CaptureSpec, recorder: Recorder, b: int, rows: np.ndarray
-) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-    """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors.
-
-    ``rows``: for each of the video's frame-0 queries, in order, its index among
-    ``recorder.query_tokens`` (the arrays are stored per query point).
-    """
-    import safetensors.numpy
-    import safetensors.torch
-
-    arrays, layers, steps = recorder.stacked_correspondence(b)
-    rows = np.asarray(rows, np.int64)
-    arrays = {
-        name: a if name in TOKEN_ARRAYS else np.ascontiguousarray(a[:, :, rows])
-        for name, a in arrays.items()
-    }
-    corr = None
-    if spec.corr_layers:
-        corr = safetensors.numpy.save(
-            arrays,
-            # One key only: safetensors writes metadata maps in no fixed order.
-            metadata={"layers_steps": json.dumps({"layers": layers, "steps": steps})},
-        )
-    feats = None
-    if spec.feature_layers:
-        feats = safetensors.torch.save(recorder.features[b])
-    meta = {
-        "corr_layers": layers,
-        "corr_steps": steps,
-        "corr_arrays": {k: list(v.shape) for k, v in sorted(arrays.items())},
-        "feature_tensors": sorted(recorder.features[b]),
-        "step_timesteps": {str(k): v for k, v in sorted(recorder.step_timesteps.items())},
-        "corr_points": int(rows.size),
-        "corr_rows": "the queries on frame 0 (t == 0), in order",
-        "cfg_branch": "conditional",
-        "dtype": "float16",
-    }
-    return meta, corr, feats
