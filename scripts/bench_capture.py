@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from datagen.build import ShardWorker
 from datagen.config import resolve_config
 from datagen.plan import make_plan
 from datagen.prompts import load_prompts
+from datagen.worker import ShardWorker
 
 OFF = [
     "capture.feature_layers=[]",
