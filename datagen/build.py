@@ -22,6 +22,7 @@ from typing import Any
 from datagen.capture.products import capture_spec
 from datagen.config import SOURCE_KINDS, BuildConfig
 from datagen.errors import UserError
+from datagen.lock import LOCK, BuildLock
 from datagen.models import get_family, training_vocabulary
 from datagen.plan import Plan, ShardTask, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
@@ -84,7 +85,7 @@ def check_output_dir(
         ours = [e for e in entries if e.name == MANIFEST or e.name.endswith(".stats.json")]
         # A build stopped before its first shard committed leaves only its log (and hidden
         # partial files): that folder is ours to resume into.
-        started = [e for e in entries if e.name == "build.log"]
+        started = [e for e in entries if e.name in ("build.log", LOCK)]
         if entries and not ours and not started:
             raise UserError(
                 f"output {out} is not empty and holds no datagen build; choose an empty or new "
@@ -195,9 +196,15 @@ def run_build(
     """Build every shard not yet committed, then write the manifest."""
     from datagen.executors.local import LocalExecutor  # the executor imports the worker only
 
+    out = req.out
+    out.mkdir(parents=True, exist_ok=True)
+    with BuildLock(out):
+        return _run_locked(req, progress, executor or LocalExecutor())
+
+
+def _run_locked(req: BuildRequest, progress: bool, executor: Any) -> BuildSummary:
     cfg, out = req.cfg, req.out
     fp = cfg.fingerprint()
-    out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "build.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("datagen").addHandler(handler)
@@ -230,7 +237,6 @@ def run_build(
                     (out / stats_name(task.index)).unlink(missing_ok=True)
                 todo.append(task)
         log.info("%d shards already committed, %d to build", len(kept), len(todo))
-        executor = executor or LocalExecutor()
         results = executor.run(cfg, todo, out, progress=progress)
         built = [r.stats for r in results]
         timings: dict[str, float] = defaultdict(float)
