@@ -35,6 +35,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from datagen.config import SOURCE_KINDS, resolve_config
     from datagen.summary import qc_warning, summary_lines
 
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     overrides = list(args.set)
     if args.source:
         kind, *rest = args.source
@@ -90,7 +92,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     _quiet_libraries()
-    s = run_build(req, progress=not args.quiet)
+    executor = None
+    if args.workers > 1:
+        from datagen.executors.processes import ProcessExecutor
+
+        executor = ProcessExecutor(args.workers)
+    s = run_build(req, progress=not args.quiet, executor=executor)
     for line in summary_lines(s.manifest, s.out, s.seconds, s.shards_kept):
         print(line)
     warning = qc_warning(s.manifest)
@@ -249,6 +256,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan and size estimate, write nothing"
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes, each loading the model once (default 1: in this process)",
+    )
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="check every shard against manifest and schemas")
