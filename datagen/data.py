@@ -80,7 +80,7 @@ from datagen.index import (
     scan_index,
 )
 from datagen.names import key_problem, shard_file_problem
-from datagen.sample import CORE_MEMBERS, CORR_MEMBER, FEATURE_MEMBER
+from datagen.sample import CORR_MEMBER, FEATURE_MEMBER
 from datagen.shards import MANIFEST
 
 __all__ = [
@@ -93,7 +93,6 @@ __all__ = [
     "TruncatedShardError",
     "VideoSpec",
     "collate_samples",
-    "decode_core_sample",
     "epoch_order",
     "hf_data_files",
     "open_dataset",
@@ -614,7 +613,7 @@ def _decode(
     shard: str,
     opts: _Options,
 ) -> dict[str, Any]:
-    """Members -> sample dict (see :func:`decode_core_sample` for the fields)."""
+    """Members -> sample dict (see :class:`Dataset` for the fields)."""
     out: dict[str, Any] = {"key": key}
     member = None
     try:
@@ -649,25 +648,6 @@ def _decode(
             shard, key, f"cannot be decoded ({type(exc).__name__}: {exc})", member
         ) from exc
     return out
-
-
-def decode_core_sample(raw: dict[str, Any], video: bool = True) -> dict[str, Any]:
-    """Turn one sample's raw members (``{"__key__", "__url__", ext: bytes}``) into arrays.
-
-    Returns a dict: key (str); frames uint8 (T, H, W, 3) RGB (when ``video``); tracks float32
-    (N, T, 2) and queries float32 (N, 3) as (t, x, y), both raster pixel coordinates;
-    visible bool (N, T); confidence float32 (N, T); meta (the sample's JSON); and, when the
-    build captured it, correspondence (name -> array (layers, steps, ...), see
-    ``meta["capture"]``).
-    """
-    key = raw["__key__"]
-    where = str(raw.get("__url__", "?"))
-    missing = [m for m in CORE_MEMBERS if m not in raw]
-    if missing:
-        raise ValueError(f"{where}: sample {key} lacks member(s) {', '.join(missing)}")
-    fields = set(DEFAULT_FIELDS) | ({"frames"} if video else set())
-    opts = _Options(frozenset(fields), VideoSpec(), None, "none", "raise")
-    return _decode(raw, None, key, where, opts)
 
 
 # --- reading shards --------------------------------------------------------------------------

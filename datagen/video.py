@@ -95,16 +95,3 @@ def decode_video(data: bytes, stride: int = 1) -> np.ndarray:
     if not frames:
         raise ValueError("video has no frames")
     return np.stack(frames)
-
-
-def probe_video(data: bytes) -> dict:
-    """Frame count, size and fps as stored in the container (decodes to count exactly)."""
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        count = sum(1 for _ in container.decode(stream))
-        return {
-            "num_frames": count,
-            "height": stream.codec_context.height,
-            "width": stream.codec_context.width,
-            "fps": float(stream.average_rate) if stream.average_rate else None,
-        }
