@@ -10,8 +10,9 @@ Quick start::
     loader = DataLoader(ds.torch(batch_size=8, shuffle=True, seed=0), batch_size=None,
                         num_workers=4)
 
-Reading is ours, not webdataset's: a lean tar reader (datagen.index) that uses the per-shard
-member index written at build time, ``mmap`` for local shards (arrays are zero-copy,
+Reading is ours, not webdataset's: the sample format's lean tar reader
+(datagen.sampleformat, which also decodes every member) with the per-shard member index
+written at build time (datagen.index), ``mmap`` for local shards (arrays are zero-copy,
 copy-on-write views of the page cache), one ranged stream per run of samples for remote
 shards, and only the members the chosen fields need. Nothing executes data: ``.npy`` headers
 are parsed with ``ast.literal_eval`` and object arrays refused, safetensors and JSON are
@@ -44,7 +45,6 @@ has none, the next readable samples of the epoch order), so ranks keep equal cou
 
 from __future__ import annotations
 
-import ast
 import bisect
 import functools
 import glob as globlib
@@ -52,7 +52,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import mmap
 import os
 import re
@@ -67,20 +66,25 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from datagen.errors import UserError
-from datagen.index import (
+from datagen.index import TarIndex, index_name, member_checksum, scan_index
+from datagen.names import key_problem, shard_file_problem
+from datagen.sampleformat import (
+    FEATURE_MEMBER,
+    FIELD_MEMBERS,
+    FIELDS,
+    OPTIONAL_FIELDS,
     CorruptShardError,
     Reader,
     SampleEntry,
     ShardError,
-    TarIndex,
     TruncatedShardError,
-    index_name,
+    decode_video,
+    field_member,
     iter_samples,
-    member_checksum,
-    scan_index,
+    json_value,
+    npy_array,
+    safetensors_arrays,
 )
-from datagen.names import key_problem, shard_file_problem
-from datagen.sample import CORR_MEMBER, FEATURE_MEMBER
 from datagen.shards import MANIFEST
 
 __all__ = [
@@ -103,34 +107,9 @@ __all__ = [
 
 log = logging.getLogger("datagen.data")
 
-FIELDS = (
-    "frames",
-    "mp4",
-    "tracks",
-    "visible",
-    "queries",
-    "confidence",
-    "correspondence",
-    "meta",
-    "features",
-)
-"""Sample fields. ``frames`` is the decoded video, ``mp4`` its raw bytes, ``features`` the q/k
-tensors of the features shard; the rest come from the core members of the same name."""
 DEFAULT_FIELDS = ("tracks", "visible", "queries", "confidence", "correspondence", "meta")
 """Fields read unless ``fields`` says otherwise (``frames`` and ``features`` have their own
 switches, ``video`` and ``features``)."""
-_MEMBER = {
-    "frames": "mp4",
-    "mp4": "mp4",
-    "tracks": "tracks.npy",
-    "visible": "visible.npy",
-    "queries": "queries.npy",
-    "confidence": "confidence.npy",
-    "correspondence": CORR_MEMBER,
-    "meta": "json",
-}
-_OPTIONAL = {"correspondence"}
-"""Fields whose member a build may lack (no correspondence captured): absent, not an error."""
 VERIFY = ("none", "members", "all")
 ON_ERROR = ("raise", "skip")
 SPLIT_RULES = ("repeat", "drop")
@@ -206,9 +185,7 @@ class _Options:
     on_error: str
 
     def members(self) -> set[str]:
-        return {_MEMBER[f] for f in self.fields if f in _MEMBER} | {
-            f + ".npy" for f in self.fields if f not in _MEMBER and f != "features"
-        }
+        return {field_member(f) for f in self.fields if f != "features"}
 
 
 # --- where the shards are ---------------------------------------------------------------------
@@ -492,118 +469,19 @@ def hf_data_files(path: Path | str) -> list[str]:
     return shard_urls(path)
 
 
-# --- decoding members (never executes data) ---------------------------------------------------
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
-
-
-def npy_array(buf: Any) -> np.ndarray:
-    """A ``.npy`` member as an array viewing ``buf`` (no copy). The header is parsed with
-    ``ast.literal_eval``; object dtypes are refused. ValueError on anything malformed."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < 10 or bytes(mv[:6]) != b"\x93NUMPY":
-        raise ValueError("not a .npy array (bad magic)")
-    major = mv[6]
-    if major == 1:
-        hlen, start = int.from_bytes(mv[8:10], "little"), 10
-    elif major in (2, 3):
-        hlen, start = int.from_bytes(mv[8:12], "little"), 12
-    else:
-        raise ValueError(f"unsupported .npy version {major}")
-    header = bytes(mv[start : start + hlen])
-    parsed = _NPY_HEADERS.get(header)
-    if parsed is None:
-        d = ast.literal_eval(header.decode("latin1"))
-        if not isinstance(d, dict) or not {"descr", "fortran_order", "shape"} <= set(d):
-            raise ValueError("bad .npy header")
-        dtype = np.lib.format.descr_to_dtype(d["descr"])
-        if dtype.hasobject:
-            raise ValueError("object arrays are refused (loading never executes data)")
-        parsed = (dtype, tuple(int(x) for x in d["shape"]), bool(d["fortran_order"]))
-        if len(_NPY_HEADERS) < 4096:
-            _NPY_HEADERS[header] = parsed
-    dtype, shape, fortran = parsed
-    count = math.prod(shape)
-    offset = start + hlen
-    if len(mv) - offset != count * dtype.itemsize:
-        raise ValueError(f".npy holds {len(mv) - offset} data bytes, shape {shape} needs more")
-    arr = np.frombuffer(mv, dtype, count, offset)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-_ST_DTYPES = {
-    "F16": np.float16,
-    "F32": np.float32,
-    "F64": np.float64,
-    "I8": np.int8,
-    "I16": np.int16,
-    "I32": np.int32,
-    "I64": np.int64,
-    "U8": np.uint8,
-    "U16": np.uint16,
-    "U32": np.uint32,
-    "U64": np.uint64,
-    "BOOL": np.bool_,
-}
-
-
-def safetensors_arrays(
-    buf: Any, wants: Callable[[str], bool] | None = None
-) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors blob as arrays viewing ``buf`` (no copy), name -> array,
-    only those ``wants(name)``. ValueError on anything malformed."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < 8:
-        raise ValueError("not a safetensors blob (too short)")
-    n = int.from_bytes(mv[:8], "little")
-    if n > len(mv) - 8:
-        raise ValueError("safetensors header runs past the data")
-    header = json.loads(bytes(mv[8 : 8 + n]))
-    base = 8 + n
-    out = {}
-    for name in sorted(header):
-        if name == "__metadata__" or (wants is not None and not wants(name)):
-            continue
-        info = header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported")
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        shape = tuple(int(x) for x in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
-        count = math.prod(shape)
-        if end - begin != count * dtype.itemsize or base + end > len(mv):
-            raise ValueError(f"tensor {name}: data offsets do not match its shape")
-        out[name] = np.frombuffer(mv, dtype, count, base + begin).reshape(shape)
-    return out
+# --- decoding members (datagen.sampleformat's decoders; never executes data) -------------------
 
 
 def decode_frames(data: Any, spec: VideoSpec = VideoSpec()) -> np.ndarray:
     """Decode mp4 bytes to frames, see :class:`VideoSpec` for shape and dtype."""
-    import av
-
-    frames = []
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        if spec.threads == 1:
-            stream.thread_type = "NONE"
-        else:
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = spec.threads
-        for i, frame in enumerate(container.decode(stream)):
-            if i % spec.stride:
-                continue
-            if spec.size is not None:
-                h, w = spec.size
-                frame = frame.reformat(width=w, height=h, format="rgb24")
-            frames.append(frame.to_ndarray(format="rgb24"))
-    if not frames:
-        raise ValueError("video has no frames")
-    out = np.stack(frames)
-    if spec.dtype != "uint8":
-        out = out.astype(spec.dtype) * np.asarray(1 / 255, dtype=spec.dtype)
-    if spec.channels_first:
-        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-    return out
+    return decode_video(
+        data,
+        spec.stride,
+        size=spec.size,
+        dtype=spec.dtype,
+        channels_first=spec.channels_first,
+        threads=spec.threads,
+    )
 
 
 def _decode(
@@ -620,9 +498,9 @@ def _decode(
         for name in sorted(opts.fields):
             if name == "features":
                 continue
-            member = _MEMBER.get(name, name + ".npy")
+            member = field_member(name)
             if member not in raw:
-                if name in _OPTIONAL or name not in _MEMBER:
+                if name in OPTIONAL_FIELDS or name not in FIELD_MEMBERS:
                     continue
                 raise CorruptShardError(shard, key, f"lacks member {member}")
             data = raw[member]
@@ -631,7 +509,7 @@ def _decode(
             elif name == "mp4":
                 out["mp4"] = bytes(data)
             elif name == "meta":
-                out["meta"] = json.loads(bytes(data))
+                out["meta"] = json_value(data)
             elif name == "correspondence":
                 out["correspondence"] = safetensors_arrays(data)
             else:
@@ -639,7 +517,7 @@ def _decode(
         if opts.features is not None:
             member = FEATURE_MEMBER
             if feats is None or FEATURE_MEMBER not in feats:
-                raise CorruptShardError(shard, key, "has no features (qk.safetensors)")
+                raise CorruptShardError(shard, key, f"has no features ({FEATURE_MEMBER})")
             out["features"] = safetensors_arrays(feats[FEATURE_MEMBER], opts.features.wants)
     except ShardError:
         raise

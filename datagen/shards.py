@@ -20,7 +20,7 @@ from typing import Any
 
 from datagen.index import build_index, index_name
 from datagen.names import tar_name_problem
-from datagen.sample import json_bytes
+from datagen.sampleformat import json_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

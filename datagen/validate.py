@@ -1,5 +1,13 @@
 """`datagen validate`: every shard against the manifest, every sample against the schema and
-the numeric checks, feature shards against their core shards."""
+the numeric checks, feature shards against their core shards.
+
+Members are decoded with :mod:`datagen.sampleformat`, the same decoders that
+:func:`datagen.open_dataset` uses, not an independent copy: a sample that validates is one
+the loader decodes. Those decoders are strict (``.npy`` data exactly as long as its shape,
+safetensors tensors that tile their data), and validate adds what the loader takes on trust:
+the sha256 of every shard, the member lists, the schema and the numeric checks of
+:mod:`datagen.check`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,9 @@ from typing import Any
 
 from datagen.check import check_capture, check_sample
 from datagen.errors import UserError
-from datagen.sample import CORR_MEMBER, FEATURE_MEMBER, npy_load
+from datagen.sampleformat import CORR_MEMBER, FEATURE_MEMBER, decode_video, json_value, npy_array
 from datagen.schemas import schema_errors
 from datagen.shards import MANIFEST, iter_tar_samples, sha256_file
-from datagen.video import decode_video
 
 
 def validate_dataset(
@@ -121,9 +128,9 @@ def _check_core(
     if have != expected:
         return [f"members {list(have)}, expected {list(expected)}"], None
     try:
-        meta = json.loads(raw["json"])
+        meta = json_value(raw["json"])
         frames = decode_video(raw["mp4"])
-        arrays = {m: npy_load(raw[m]) for m in expected if m.endswith(".npy")}
+        arrays = {m: npy_array(raw[m]) for m in expected if m.endswith(".npy")}
     except Exception as exc:  # any decode failure is a finding about this sample
         return [f"cannot be decoded ({type(exc).__name__}: {exc})"], None
     problems = check_sample(

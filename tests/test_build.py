@@ -69,7 +69,7 @@ def test_manifest_counts_and_members(built):
 
 
 def test_qc_flags_match_a_recomputation(built):
-    from datagen.sample import npy_load
+    from datagen.sampleformat import npy_array
     from datagen.track.base import make_tracker
     from datagen.track.qc import QCConfig, run_qc
 
@@ -81,7 +81,7 @@ def test_qc_flags_match_a_recomputation(built):
     result = tracker.track(s["frames"], s["queries"])
     qc = run_qc(tracker, s["frames"], result, s["queries"], QCConfig(**meta["qc"]["settings"]))
     bits = meta["qc"]["flag_bits"]
-    stored = npy_load(raw[QC_MEMBER])
+    stored = npy_array(raw[QC_MEMBER])
     for name, bit in bits.items():
         np.testing.assert_array_equal((stored & bit) > 0, qc.flags[name])
     assert meta["qc"]["verdict"] == qc.verdict["verdict"]
