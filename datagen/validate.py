@@ -1,27 +1,34 @@
 """`datagen validate`: every shard against the manifest, every sample against the schema and
 the numeric checks, feature shards against their core shards.
 
-Members are decoded with :mod:`datagen.sampleformat`, the same decoders that
-:func:`datagen.open_dataset` uses, not an independent copy: a sample that validates is one
-the loader decodes. Those decoders are strict (``.npy`` data exactly as long as its shape,
-safetensors tensors that tile their data), and validate adds what the loader takes on trust:
-the sha256 of every shard, the member lists, the schema and the numeric checks of
-:mod:`datagen.check`.
+Shards are read and members decoded with :mod:`datagen.sampleformat`, the same tar reader and
+decoders that :func:`datagen.open_dataset` uses, not an independent copy: a dataset that
+validates is one the loader reads. Those decoders are strict (a header checksum per tar
+header, the end-of-archive marker, ``.npy`` data exactly as long as its shape, safetensors
+tensors that tile their data), and validate adds what the loader takes on trust: the sha256
+of every shard, the member lists, the schema and the numeric checks of :mod:`datagen.check`.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datagen.check import check_capture, check_sample
 from datagen.errors import UserError
-from datagen.sampleformat import CORR_MEMBER, FEATURE_MEMBER, decode_video, json_value, npy_array
+from datagen.sampleformat import (
+    CORR_MEMBER,
+    FEATURE_MEMBER,
+    ShardError,
+    decode_video,
+    json_value,
+    npy_array,
+    read_tar,
+)
 from datagen.schemas import schema_errors
-from datagen.shards import MANIFEST, iter_tar_samples, sha256_file
+from datagen.shards import MANIFEST, sha256_file
 
 
 def validate_dataset(
@@ -70,7 +77,7 @@ def validate_dataset(
         expected = tuple(sorted(members[kind]))
         keys = []
         try:
-            for key, raw in iter_tar_samples(path):
+            for key, raw in read_tar(path):
                 keys.append(key)
                 if kind in ("core", "rejected"):
                     found, meta = _check_core(key, raw, expected)
@@ -86,11 +93,11 @@ def validate_dataset(
                 else:
                     found = _check_features(key, raw, expected, core_meta.get(key))
                 problems += [f"{name}: {key}: {p}" for p in found]
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            problems.append(f"{name}: unreadable tar ({exc})")
+        except ShardError as exc:  # truncated, a bad header, an unsafe name (datagen.names)
+            problems.append(f"{exc} (unreadable tar)")  # names the shard and the key
             continue
-        except ValueError as exc:  # an unsafe member name (datagen.names)
-            problems.append(f"{exc}")
+        except OSError as exc:
+            problems.append(f"{name}: unreadable tar ({exc})")
             continue
         if len(keys) != entry["samples"]:
             problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")

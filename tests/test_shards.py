@@ -5,10 +5,9 @@ import tarfile
 import numpy as np
 
 from datagen.sample import npy_bytes
-from datagen.sampleformat import npy_array
+from datagen.sampleformat import npy_array, read_tar
 from datagen.shards import (
     committed_stats,
-    iter_tar_samples,
     read_stats,
     tar_bytes,
     write_shard,
@@ -45,7 +44,7 @@ def test_reader_reads_back_exactly_what_writer_wrote(tmp_path):
     rng = np.random.default_rng(1)
     s = _samples(rng)
     stats = write_shard(tmp_path, 0, {"core": s}, "0123456789abcdef", [])
-    back = dict(iter_tar_samples(tmp_path / "core-000000.tar"))
+    back = dict(read_tar(tmp_path / "core-000000.tar"))
     assert back == s
     arr = npy_array(back["k0-r00"]["tracks.npy"])
     assert arr.dtype == np.float32 and np.array_equal(arr, npy_array(s["k0-r00"]["tracks.npy"]))
