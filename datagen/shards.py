@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.index import build_index, index_name
+from datagen.names import key_problem, member_problem
 from datagen.sampleformat import json_bytes
 
 MANIFEST = "manifest.json"
@@ -53,8 +54,12 @@ def tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key in sorted(samples):
-            if "." in key:
-                raise ValueError(f"sample key {key!r} contains a dot")
+            # Names the readers would refuse (datagen.names) are never written.
+            problem = key_problem(key) or next(
+                filter(None, map(member_problem, samples[key])), None
+            )
+            if problem:
+                raise ValueError(problem)
             for ext in sorted(samples[key]):
                 data = samples[key][ext]
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))

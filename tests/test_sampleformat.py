@@ -330,7 +330,13 @@ def test_damaged_tars_raise_naming_the_shard_and_key(tmp_path):
         list(sf.read_tar(bytes(flipped)))
 
 
-def test_a_tar_member_with_an_unsafe_name_is_refused():
+def test_a_tar_member_with_an_unsafe_name_is_refused_and_never_written():
+    with pytest.raises(ValueError, match="unsafe sample key"):
+        tar_bytes({"../x": {"mp4": b""}})
+    with pytest.raises(ValueError, match="unsafe sample key"):
+        tar_bytes({"dot.key": {"mp4": b""}})
+    with pytest.raises(ValueError, match="unsafe member name"):
+        tar_bytes({"x": {"a/b": b""}})
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("../escape-r00.mp4")
