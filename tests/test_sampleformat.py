@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -344,3 +346,16 @@ def test_a_tar_member_with_an_unsafe_name_is_refused_and_never_written():
         tar.addfile(info, io.BytesIO(b"\0"))
     with pytest.raises(sf.CorruptShardError, match="unsafe"):
         list(sf.read_tar(buf.getvalue()))
+
+
+# --- imports ---------------------------------------------------------------------------------
+
+
+def test_the_writer_side_imports_the_format_without_the_reader_or_heavy_libraries():
+    code = (
+        "import sys, datagen.sampleformat, datagen.sample, datagen.shards, datagen.index\n"
+        "heavy = ('datagen.data', 'torch', 'av', 'safetensors', 'cv2')\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
