@@ -7,7 +7,17 @@ from typing import Any
 
 import numpy as np
 
+from datagen.sampleformat import (
+    FEATURE_DTYPE,
+    FRAME_DTYPE,
+    MEMBER_DTYPES,
+    safetensors_arrays,
+)
 from datagen.schemas import schema_errors
+
+_TRACKS, _VISIBLE, _QUERIES, _CONFIDENCE = (
+    MEMBER_DTYPES[m] for m in ("tracks.npy", "visible.npy", "queries.npy", "confidence.npy")
+)
 
 
 def check_arrays(
@@ -24,8 +34,10 @@ def check_arrays(
     visible bool (N, T); queries float32 (N, 3) as (t, x, y); confidence float32 (N, T).
     """
     errs: list[str] = []
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        errs.append(f"video frames are {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
+    if frames.dtype != FRAME_DTYPE or frames.ndim != 4 or frames.shape[-1] != 3:
+        errs.append(
+            f"video frames are {frames.dtype} {frames.shape}, expected {FRAME_DTYPE} (T, H, W, 3)"
+        )
         return errs
     t, h, w = frames.shape[:3]
     video = meta.get("video", {})
@@ -35,17 +47,18 @@ def check_arrays(
         errs.append(
             f"video decodes to {h}x{w}, metadata says {video.get('height')}x{video.get('width')}"
         )
-    if tracks.dtype != np.float32 or tracks.ndim != 3 or tracks.shape[1:] != (t, 2):
-        errs.append(f"tracks are {tracks.dtype} {tracks.shape}, expected float32 (N, {t}, 2)")
+    if tracks.dtype != _TRACKS or tracks.ndim != 3 or tracks.shape[1:] != (t, 2):
+        errs.append(f"tracks are {tracks.dtype} {tracks.shape}, expected {_TRACKS} (N, {t}, 2)")
         return errs
     n = tracks.shape[0]
-    if visible.dtype != np.bool_ or visible.shape != (n, t):
-        errs.append(f"visible is {visible.dtype} {visible.shape}, expected bool ({n}, {t})")
-    if queries.dtype != np.float32 or queries.shape != (n, 3):
-        errs.append(f"queries are {queries.dtype} {queries.shape}, expected float32 ({n}, 3)")
-    if confidence.dtype != np.float32 or confidence.shape != (n, t):
+    if visible.dtype != _VISIBLE or visible.shape != (n, t):
+        errs.append(f"visible is {visible.dtype} {visible.shape}, expected {_VISIBLE} ({n}, {t})")
+    if queries.dtype != _QUERIES or queries.shape != (n, 3):
+        errs.append(f"queries are {queries.dtype} {queries.shape}, expected {_QUERIES} ({n}, 3)")
+    if confidence.dtype != _CONFIDENCE or confidence.shape != (n, t):
         errs.append(
-            f"confidence is {confidence.dtype} {confidence.shape}, expected float32 ({n}, {t})"
+            f"confidence is {confidence.dtype} {confidence.shape}, expected {_CONFIDENCE} "
+            f"({n}, {t})"
         )
     if errs:
         return errs
@@ -103,9 +116,8 @@ def check_sample(
 def check_capture(
     meta: dict[str, Any], corr: bytes | None = None, features: bytes | None = None
 ) -> list[str]:
-    """Check correspondence / feature safetensors against the sample's layout and capture."""
-    import safetensors.numpy
-
+    """Check correspondence / feature safetensors against the sample's layout and capture
+    (decoded by :func:`datagen.sampleformat.safetensors_arrays`, the readers' decoder)."""
     cap = meta.get("capture")
     if not isinstance(cap, dict):
         return ["capture products present but metadata has no 'capture' section"]
@@ -113,7 +125,7 @@ def check_capture(
     errs: list[str] = []
     try:
         if corr is not None:
-            arrays = safetensors.numpy.load(corr)
+            arrays = safetensors_arrays(corr)
             want = {k: tuple(v) for k, v in cap["corr_arrays"].items()}
             got = {k: tuple(v.shape) for k, v in arrays.items()}
             if got != want:
@@ -133,13 +145,13 @@ def check_capture(
             ):
                 errs.append("match_forward indices or shape do not fit the token grid")
         if features is not None:
-            tensors = safetensors.numpy.load(features)
+            tensors = safetensors_arrays(features)
             if sorted(tensors) != sorted(cap["feature_tensors"]):
                 errs.append(f"q/k tensors {sorted(tensors)} differ from metadata")
             for name, t in tensors.items():
-                if t.dtype != np.float16 or t.ndim != 4 or t.shape[1:3] != (frames, h * w):
+                if t.dtype != FEATURE_DTYPE or t.ndim != 4 or t.shape[1:3] != (frames, h * w):
                     errs.append(
-                        f"{name} is {t.dtype} {t.shape}, expected float16 "
+                        f"{name} is {t.dtype} {t.shape}, expected {FEATURE_DTYPE} "
                         f"(heads, {frames}, {h * w}, head dim)"
                     )
                 elif not np.isfinite(t).all():

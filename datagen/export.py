@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datagen.data import open_dataset, safetensors_arrays
+from datagen.data import open_dataset
 from datagen.errors import UserError
-from datagen.index import ShardError
 from datagen.names import member_problem, open_new, safe_join
-from datagen.sample import CORR_MEMBER, FEATURE_MEMBER
+from datagen.sampleformat import CORR_MEMBER, FEATURE_MEMBER, ShardError, safetensors_arrays
 from datagen.shards import MANIFEST
 
 KEYS_FILE = "keys.txt"

@@ -11,8 +11,8 @@ import numpy as np
 
 from datagen.data import open_dataset
 from datagen.errors import UserError
-from datagen.index import ShardError
 from datagen.names import open_new, safe_join
+from datagen.sampleformat import ShardError
 
 
 def find_sample(folder: Path, key: str | None) -> dict[str, Any]:

@@ -1,50 +1,25 @@
-"""The record one video carries through the pipeline, and its tar members."""
+"""The record one video carries through the pipeline, and its tar members (encoded as
+:mod:`datagen.sampleformat` says)."""
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-CORE_MEMBERS = ("confidence.npy", "json", "mp4", "queries.npy", "tracks.npy", "visible.npy")
-"""Member extensions every core sample carries."""
-CORR_MEMBER = "corr.safetensors"
-"""Core member with the online correspondence arrays (when correspondence is captured)."""
-FEATURE_MEMBER = "qk.safetensors"
-"""Features-shard member with the captured q/k (when features are captured)."""
-
-
-QC_MEMBER = "qc_flags.npy"
-"""Core member: uint8 (N,) quality-control flag bits per track (0 = kept), when QC runs."""
-QC_FLAG_BITS = {"cycle": 1, "visible_fraction": 2, "motion": 4, "jitter": 8}
-
-
-def members_for(corr: bool, features: bool, qc: bool = False) -> dict[str, list[str]]:
-    """Member extensions per shard kind for a build that captures ``corr``/``features`` and
-    runs quality control (``qc``)."""
-    extra = ((CORR_MEMBER,) if corr else ()) + ((QC_MEMBER,) if qc else ())
-    out = {"core": sorted(CORE_MEMBERS + extra)}
-    if features:
-        out["features"] = [FEATURE_MEMBER]
-    return out
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_load(data: bytes) -> np.ndarray:
-    """Load .npy bytes; object arrays are refused (loading never executes data)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
+# The member names and encoders live in datagen.sampleformat; they are re-exported here for
+# the writer (datagen.build, datagen.sources) and older imports.
+from datagen.sampleformat import (  # noqa: F401
+    CORE_MEMBERS,
+    CORR_MEMBER,
+    FEATURE_MEMBER,
+    QC_FLAG_BITS,
+    QC_MEMBER,
+    json_bytes,
+    members_for,
+    npy_bytes,
+)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A shard is either absent or complete: its tar is written under a temporary name, fsynced,
 read back and checked, then renamed; its stats file, written last (also atomically), is the
 commit marker. Tar members are sorted and carry fixed mtime/uid/gid/mode, so the same samples
-give the same bytes.
+give the same bytes. Shards are read back with the sample format's one tar reader
+(:func:`datagen.sampleformat.read_tar`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datagen.index import build_index, index_name
-from datagen.names import tar_name_problem
-from datagen.sample import json_bytes
+from datagen.names import key_problem, member_problem
+from datagen.sampleformat import json_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -54,38 +54,16 @@ def tar_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key in sorted(samples):
-            if "." in key:
-                raise ValueError(f"sample key {key!r} contains a dot")
+            # Names the readers would refuse (datagen.names) are never written.
+            problem = key_problem(key) or next(
+                filter(None, map(member_problem, samples[key])), None
+            )
+            if problem:
+                raise ValueError(problem)
             for ext in sorted(samples[key]):
                 data = samples[key][ext]
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
     return buf.getvalue()
-
-
-def iter_tar_samples(data_or_path: bytes | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a tar's members into samples: key = name up to the first dot."""
-    fileobj = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else None
-    name = None if fileobj else str(data_or_path)
-    with tarfile.open(name=name, fileobj=fileobj, mode="r:") as tar:
-        current: str | None = None
-        members: dict[str, bytes] = {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            problem = tar_name_problem(info.name)
-            if problem:
-                where = name or "tar"
-                raise ValueError(f"{where}: {info.name.partition('.')[0]!r}: {problem}")
-            key, _, ext = info.name.partition(".")
-            f = tar.extractfile(info)
-            payload = f.read() if f else b""
-            if key != current:
-                if current is not None:
-                    yield current, members
-                current, members = key, {}
-            members[ext] = payload
-        if current is not None:
-            yield current, members
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,20 +1,34 @@
 """`datagen validate`: every shard against the manifest, every sample against the schema and
-the numeric checks, feature shards against their core shards."""
+the numeric checks, feature shards against their core shards.
+
+Shards are read and members decoded with :mod:`datagen.sampleformat`, the same tar reader and
+decoders that :func:`datagen.open_dataset` uses, not an independent copy: a dataset that
+validates is one the loader reads. Those decoders are strict (a header checksum per tar
+header, the end-of-archive marker, ``.npy`` data exactly as long as its shape, safetensors
+tensors that tile their data), and validate adds what the loader takes on trust: the sha256
+of every shard, the member lists, the schema and the numeric checks of :mod:`datagen.check`.
+"""
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datagen.check import check_capture, check_sample
 from datagen.errors import UserError
-from datagen.sample import CORR_MEMBER, FEATURE_MEMBER, npy_load
+from datagen.sampleformat import (
+    CORR_MEMBER,
+    FEATURE_MEMBER,
+    ShardError,
+    decode_video,
+    json_value,
+    npy_array,
+    read_tar,
+)
 from datagen.schemas import schema_errors
-from datagen.shards import MANIFEST, iter_tar_samples, sha256_file
-from datagen.video import decode_video
+from datagen.shards import MANIFEST, sha256_file
 
 
 def validate_dataset(
@@ -63,7 +77,7 @@ def validate_dataset(
         expected = tuple(sorted(members[kind]))
         keys = []
         try:
-            for key, raw in iter_tar_samples(path):
+            for key, raw in read_tar(path):
                 keys.append(key)
                 if kind in ("core", "rejected"):
                     found, meta = _check_core(key, raw, expected)
@@ -79,11 +93,11 @@ def validate_dataset(
                 else:
                     found = _check_features(key, raw, expected, core_meta.get(key))
                 problems += [f"{name}: {key}: {p}" for p in found]
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            problems.append(f"{name}: unreadable tar ({exc})")
+        except ShardError as exc:  # truncated, a bad header, an unsafe name (datagen.names)
+            problems.append(f"{exc} (unreadable tar)")  # names the shard and the key
             continue
-        except ValueError as exc:  # an unsafe member name (datagen.names)
-            problems.append(f"{exc}")
+        except OSError as exc:
+            problems.append(f"{name}: unreadable tar ({exc})")
             continue
         if len(keys) != entry["samples"]:
             problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")
@@ -121,9 +135,9 @@ def _check_core(
     if have != expected:
         return [f"members {list(have)}, expected {list(expected)}"], None
     try:
-        meta = json.loads(raw["json"])
+        meta = json_value(raw["json"])
         frames = decode_video(raw["mp4"])
-        arrays = {m: npy_load(raw[m]) for m in expected if m.endswith(".npy")}
+        arrays = {m: npy_array(raw[m]) for m in expected if m.endswith(".npy")}
     except Exception as exc:  # any decode failure is a finding about this sample
         return [f"cannot be decoded ({type(exc).__name__}: {exc})"], None
     problems = check_sample(

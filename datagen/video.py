@@ -1,6 +1,8 @@
-"""Video bytes in and out (PyAV). Encoding is single-threaded and bit-exact so that the same
-frames always give the same bytes; labels are computed on ``decode_video(encode_video(...))``,
-the frames a consumer actually sees."""
+"""Video bytes out (PyAV). Encoding is single-threaded and bit-exact so that the same frames
+always give the same bytes; labels are computed on ``decode_video(encode_video(...))``, the
+frames a consumer actually sees. Decoding is the sample format's
+(:func:`datagen.sampleformat.decode_video`, re-exported here), the one mp4 decoder that the
+build and every reader share."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import av
 import numpy as np
 
 from datagen.config import VideoConfig
+from datagen.sampleformat import decode_video  # noqa: F401  (re-exported for the build)
 
 _M_PERTURB = -6
 """glibc's mallopt parameter that fills every new allocation with a fixed byte."""
@@ -81,30 +84,3 @@ def _encode(frames: np.ndarray, fps: int, cfg: VideoConfig) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
-
-
-def decode_video(data: bytes, stride: int = 1) -> np.ndarray:
-    """Decode MP4 bytes into uint8 RGB frames (T, H, W, 3), every ``stride``-th frame."""
-    frames = []
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "NONE"
-        for i, frame in enumerate(container.decode(stream)):
-            if i % stride == 0:
-                frames.append(frame.to_ndarray(format="rgb24"))
-    if not frames:
-        raise ValueError("video has no frames")
-    return np.stack(frames)
-
-
-def probe_video(data: bytes) -> dict:
-    """Frame count, size and fps as stored in the container (decodes to count exactly)."""
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
-        count = sum(1 for _ in container.decode(stream))
-        return {
-            "num_frames": count,
-            "height": stream.codec_context.height,
-            "width": stream.codec_context.width,
-            "fps": float(stream.average_rate) if stream.average_rate else None,
-        }

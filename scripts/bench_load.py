@@ -12,7 +12,8 @@
    (xxh3_64, ``verify="members"``); also shown: ``verify="none"``, where arrays are
    zero-copy views of the page cache and only one byte per 4 KiB page is touched.
 3. video decode frames/s: the loader's frames against PyAV decoding the same mp4 bytes
-   already in memory (datagen.video.decode_video).
+   already in memory (datagen.sampleformat.decode_video, the decoder the loader calls: the
+   ratio is the loader's own cost).
 4. DataLoader workers: samples/s with video decode, 2 workers against 1.
 
 Warm page cache throughout (each pipeline runs once before timing). Passes of a pipeline and
@@ -35,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datagen.data import open_dataset  # noqa: E402
-from datagen.sample import FEATURE_MEMBER, npy_bytes  # noqa: E402
+from datagen.sampleformat import FEATURE_MEMBER, decode_video, npy_bytes  # noqa: E402
 from datagen.shards import write_shard  # noqa: E402
 
 FINGERPRINT = "0" * 16
@@ -179,7 +180,6 @@ def main() -> None:
 
         # 3. video decode
         from datagen.data import VideoSpec
-        from datagen.video import decode_video
 
         vds = open_dataset(args.data, fields=[])
         mp4s = {k: bytes(m["mp4"]) for k, m, _ in vds.iter_raw()}

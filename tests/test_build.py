@@ -10,7 +10,7 @@ from datagen import open_dataset
 from datagen.build import prepare_build, run_build
 from datagen.config import resolve_config
 from datagen.sample import CORE_MEMBERS, CORR_MEMBER, QC_MEMBER
-from datagen.shards import iter_tar_samples
+from datagen.sampleformat import read_tar
 from datagen.validate import validate_dataset
 
 PROMPTS = "\n".join(
@@ -59,7 +59,7 @@ def test_manifest_counts_and_members(built):
     assert m["totals"]["samples"] == a.samples == sum(s["samples"] for s in core)
     assert m["totals"]["bytes"] == sum(s["bytes"] for s in m["shards"])
     assert m["config_fingerprint"] == resolve_config("tiny-random", None, SETTINGS).fingerprint()
-    for key, members in iter_tar_samples(root / "a" / "core-000000.tar"):
+    for key, members in read_tar(root / "a" / "core-000000.tar"):
         assert sorted(members) == sorted(CORE_MEMBERS + (CORR_MEMBER, QC_MEMBER))
         assert "." not in key
     # Quality control: every sample has a verdict; the shard stats and manifest count them.
@@ -69,19 +69,19 @@ def test_manifest_counts_and_members(built):
 
 
 def test_qc_flags_match_a_recomputation(built):
-    from datagen.sample import npy_load
+    from datagen.sampleformat import npy_array
     from datagen.track.qc import QCConfig, run_qc
     from datagen.track.registry import make_tracker
 
     root, *_ = built
     s = next(iter(open_dataset(root / "a")))
-    raw = dict(iter_tar_samples(root / "a" / "core-000000.tar"))[s["key"]]
+    raw = dict(read_tar(root / "a" / "core-000000.tar"))[s["key"]]
     meta = s["meta"]
     tracker = make_tracker(meta["tracker"]["name"], **meta["tracker"]["settings"])
     result = tracker.track(s["frames"], s["queries"])
     qc = run_qc(tracker, s["frames"], result, s["queries"], QCConfig(**meta["qc"]["settings"]))
     bits = meta["qc"]["flag_bits"]
-    stored = npy_load(raw[QC_MEMBER])
+    stored = npy_array(raw[QC_MEMBER])
     for name, bit in bits.items():
         np.testing.assert_array_equal((stored & bit) > 0, qc.flags[name])
     assert meta["qc"]["verdict"] == qc.verdict["verdict"]

@@ -5,6 +5,8 @@ import functools
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -452,3 +454,25 @@ def test_export_writes_plain_files_exactly(built, tmp_path):
     with pytest.raises(UserError, match="no sample with key"):
         export_dataset(built, tmp_path / "y", keys=["missing-r00"])
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_the_loader_keeps_its_public_names_and_imports_torch_only_when_asked():
+    import datagen.data
+
+    public = {
+        "CorruptShardError", "Dataset", "FeatureSpec", "Shard", "ShardError", "TorchDataset",
+        "TruncatedShardError", "VideoSpec", "collate_samples", "epoch_order", "hf_data_files",
+        "open_dataset", "rank_range", "shard_urls", "worker_range",
+    }  # fmt: skip
+    assert set(datagen.data.__all__) == public
+    more = ("DEFAULT_FIELDS", "ErrorLog", "FIELDS", "ON_ERROR", "SPLITS", "SPLIT_RULES")
+    more += ("VERIFY", "buffer_order", "decode_frames", "npy_array", "safetensors_arrays")
+    assert all(hasattr(datagen.data, name) for name in sorted(public) + list(more))
+    code = (
+        "import sys, datagen.data\n"
+        "print('torch' in sys.modules)\n"
+        "cls = datagen.data.TorchDataset\n"
+        "print('torch' in sys.modules, cls.__module__, cls.__qualname__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "datagen.data", "TorchDataset"]

@@ -14,7 +14,7 @@ import pytest
 
 from datagen.config import VideoConfig
 from datagen.names import key_problem, member_problem, safe_join, tar_name_problem
-from datagen.shards import iter_tar_samples
+from datagen.sampleformat import read_tar
 from datagen.video import encode_video
 
 HOSTILE_KEYS = ["../ESCAPED_key", "/tmp/ABSOLUTE_key", "a/b", "x\0y", "..", "dot.key", ""]
@@ -109,7 +109,7 @@ def test_export_refuses_a_hostile_member_name_from_the_index(dataset, tmp_path, 
 def _rewrite_tar(tar: Path, rename) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
-        for key, members in iter_tar_samples(tar):
+        for key, members in read_tar(tar):
             for ext, data in sorted(members.items()):
                 info = tarfile.TarInfo(rename(key, ext))
                 info.size = len(data)

@@ -18,7 +18,7 @@ import pytest
 import datagen
 from datagen.config import VideoConfig
 from datagen.models import tiny_dit
-from datagen.shards import iter_tar_samples
+from datagen.sampleformat import read_tar
 from datagen.sources.synthetic import render_synthetic_video
 from datagen.video import encode_video
 
@@ -65,7 +65,7 @@ def verdicts(videos, tmp_path_factory) -> dict[str, str]:
             "--set", "qc.rejected=keep"]  # fmt: skip
     assert main(argv) == 0
     found = {}
-    for key, members in iter_tar_samples(out / "core-000000.tar"):
+    for key, members in read_tar(out / "core-000000.tar"):
         found[key] = json.loads(members["json"])["qc"]["verdict"]
     return found
 
@@ -93,7 +93,7 @@ def test_rejected_modes_counts_manifest_validate_and_resume(
     assert (m["qc"]["accepted"], m["qc"]["rejected"]) == (len(accepted), len(rejected))
     assert m["qc"]["checked"] == len(verdicts)
     assert sum(c["samples"] for c in m["qc"]["top_causes"]) == len(rejected)
-    core_keys = sorted(k for k, _ in iter_tar_samples(out / "core-000000.tar"))
+    core_keys = sorted(k for k, _ in read_tar(out / "core-000000.tar"))
     listed = sorted(r["key"] for r in m["rejected"] if r["stage"] == "qc")
     if mode == "keep":
         assert core_keys == sorted(verdicts)
@@ -108,7 +108,7 @@ def test_rejected_modes_counts_manifest_validate_and_resume(
     separated = out / "rejected-000000.tar"
     assert separated.exists() == (mode == "separate")
     if mode == "separate":
-        assert sorted(k for k, _ in iter_tar_samples(separated)) == rejected
+        assert sorted(k for k, _ in read_tar(separated)) == rejected
         ds = datagen.open_dataset(out, split="rejected", video=False)
         assert sorted(s["meta"]["key"] for s in ds) == rejected
         assert all(s["meta"]["qc"]["verdict"] == "rejected" for s in ds)

@@ -4,10 +4,10 @@ import tarfile
 
 import numpy as np
 
-from datagen.sample import npy_bytes, npy_load
+from datagen.sample import npy_bytes
+from datagen.sampleformat import npy_array, read_tar
 from datagen.shards import (
     committed_stats,
-    iter_tar_samples,
     read_stats,
     tar_bytes,
     write_shard,
@@ -44,10 +44,10 @@ def test_reader_reads_back_exactly_what_writer_wrote(tmp_path):
     rng = np.random.default_rng(1)
     s = _samples(rng)
     stats = write_shard(tmp_path, 0, {"core": s}, "0123456789abcdef", [])
-    back = dict(iter_tar_samples(tmp_path / "core-000000.tar"))
+    back = dict(read_tar(tmp_path / "core-000000.tar"))
     assert back == s
-    arr = npy_load(back["k0-r00"]["tracks.npy"])
-    assert arr.dtype == np.float32 and np.array_equal(arr, npy_load(s["k0-r00"]["tracks.npy"]))
+    arr = npy_array(back["k0-r00"]["tracks.npy"])
+    assert arr.dtype == np.float32 and np.array_equal(arr, npy_array(s["k0-r00"]["tracks.npy"]))
     data = (tmp_path / "core-000000.tar").read_bytes()
     assert stats.files["core"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert stats.files["core"]["bytes"] == len(data)
@@ -90,4 +90,4 @@ def test_npy_loading_refuses_object_arrays():
     import pytest
 
     with pytest.raises(ValueError):
-        npy_load(buf.getvalue())
+        npy_array(buf.getvalue())
