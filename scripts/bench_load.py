@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,11 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datagen.data import open_dataset  # noqa: E402
-from datagen.sampleformat import FEATURE_MEMBER, decode_video, npy_bytes  # noqa: E402
-from datagen.shards import write_shard  # noqa: E402
+from datagen.data import open_dataset
+from datagen.sampleformat import FEATURE_MEMBER, decode_video, npy_bytes
+from datagen.shards import write_shard
 
 FINGERPRINT = "0" * 16
 

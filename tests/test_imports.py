@@ -137,3 +137,21 @@ def test_light_modules_import_no_torch(module):
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def _script_help(path) -> tuple[str, int, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300
+    )
+    return path.name, proc.returncode, proc.stderr.strip().splitlines()[-1:]
+
+
+def test_every_script_starts_with_the_installed_package():
+    """Scripts import the installed package (no path patching): each answers --help."""
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        assert "sys.path" not in path.read_text(), path.name
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_script_help, scripts))
+    assert {name: err for name, code, err in results if code} == {}
