@@ -15,19 +15,22 @@ import shutil
 import time
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datagen.capture.products import capture_spec
 from datagen.config import SOURCE_KINDS, BuildConfig
 from datagen.errors import UserError
+from datagen.executors.base import ShardFailure
+from datagen.faults import failpoint
 from datagen.lock import LOCK, BuildLock
 from datagen.models import get_family, training_vocabulary
 from datagen.plan import Plan, ShardTask, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
 from datagen.shards import (
     MANIFEST,
+    Rejected,
     ShardStats,
     build_manifest,
     committed_stats,
@@ -39,7 +42,7 @@ from datagen.sources.procedural import synthetic_config, synthetic_prompts
 from datagen.sources.videos import video_prompts
 from datagen.summary import qc_warning, vocabulary_note
 from datagen.track.registry import make_tracker
-from datagen.worker import STAGES, build_members  # noqa: F401  (STAGES re-exported)
+from datagen.worker import STAGES, ShardResult, build_members  # noqa: F401  (STAGES re-exported)
 
 log = logging.getLogger("datagen.build")
 
@@ -175,6 +178,17 @@ def prepare_build(
     return BuildRequest(cfg, prompts, plan, out, limit, shortfall, note)
 
 
+def failed_shard(failure: ShardFailure, fingerprint: str) -> ShardStats:
+    """A shard that failed every attempt, as the manifest lists it: no files, each of its
+    samples rejected at stage 'shard' with the last attempt's reason (no stats marker is
+    written, so a rerun builds it)."""
+    t = failure.task
+    reason = f"shard failed {failure.attempts} attempts; last: {failure.reason}"
+    return ShardStats(
+        t.index, fingerprint, [], {}, [Rejected(u.key, t.index, "shard", reason) for u in t.units]
+    )
+
+
 @dataclass
 class BuildSummary:
     out: Path
@@ -186,6 +200,8 @@ class BuildSummary:
     seconds: float
     timings: dict[str, float]
     manifest: dict[str, Any]
+    shards_failed: list[int] = field(default_factory=list)
+    """Shards that failed every attempt (listed in the manifest; a rerun builds them)."""
 
 
 def run_build(
@@ -238,12 +254,13 @@ def _run_locked(req: BuildRequest, progress: bool, executor: Any) -> BuildSummar
                 todo.append(task)
         log.info("%d shards already committed, %d to build", len(kept), len(todo))
         results = executor.run(cfg, todo, out, progress=progress)
-        built = [r.stats for r in results]
+        built = [r.stats for r in results if isinstance(r, ShardResult)]
+        failed = [failed_shard(r, fp) for r in results if isinstance(r, ShardFailure)]
         timings: dict[str, float] = defaultdict(float)
         for r in results:
-            for k, v in r.timings.items():
+            for k, v in getattr(r, "timings", {}).items():
                 timings[k] += v
-        all_stats = kept + built
+        all_stats = kept + built + failed
         manifest = build_manifest(
             all_stats,
             cfg.to_dict(),
@@ -256,11 +273,13 @@ def _run_locked(req: BuildRequest, progress: bool, executor: Any) -> BuildSummar
         from datagen.sample import json_bytes
         from datagen.shards import atomic_write
 
+        failpoint("manifest", 0)  # every shard committed, the manifest not yet written
         atomic_write(out / MANIFEST, json_bytes(manifest))
         seconds = time.perf_counter() - start
         summary = BuildSummary(
             out=out,
             shards_built=len(built),
+            shards_failed=sorted(f.index for f in failed),
             shards_kept=len(kept),
             samples=manifest["totals"]["samples"],
             rejected=manifest["totals"]["rejected"],

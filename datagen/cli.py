@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from datagen.errors import UserError
 from datagen.summary import human_bytes
@@ -37,6 +38,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_retries < 0:
+        raise UserError(f"--max-retries must be 0 or more, got {args.max_retries}")
+    if args.executor != "ray" and (args.ray_address or args.ray_actors):
+        raise UserError("--ray-address and --ray-actors go with --executor ray")
+    if args.executor == "ray" and args.workers > 1:
+        raise UserError("--workers is for the local executor; with --executor ray use --ray-actors")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise UserError(f"--ray-actors must be at least 1, got {args.ray_actors}")
     overrides = list(args.set)
     if args.source:
         kind, *rest = args.source
@@ -92,17 +101,32 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     _quiet_libraries()
-    executor = None
-    if args.workers > 1:
+    if args.executor == "ray":
+        from datagen.executors.ray_executor import RayExecutor
+
+        executor: Any = RayExecutor(args.ray_address, args.ray_actors, args.max_retries)
+    elif args.workers > 1:
         from datagen.executors.processes import ProcessExecutor
 
-        executor = ProcessExecutor(args.workers)
+        executor = ProcessExecutor(args.workers, args.max_retries)
+    else:
+        from datagen.executors.local import LocalExecutor
+
+        executor = LocalExecutor(args.max_retries)
     s = run_build(req, progress=not args.quiet, executor=executor)
     for line in summary_lines(s.manifest, s.out, s.seconds, s.shards_kept):
         print(line)
     warning = qc_warning(s.manifest)
     if warning:
         print(warning, file=sys.stderr)
+    if s.shards_failed:
+        print(
+            f"datagen: error: shard(s) {', '.join(map(str, s.shards_failed))} failed every "
+            f"attempt ({args.max_retries} retries; reasons in {s.out / 'manifest.json'}); run "
+            "the same command again to build only those",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -261,6 +285,24 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="local worker processes, each loading the model once (default 1: in this process)",
+    )
+    b.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local (this machine; see --workers) or ray (a Ray cluster; pip install -e '.[ray]')",
+    )
+    b.add_argument("--ray-address", help="attach to this Ray cluster (default: start a local one)")
+    b.add_argument(
+        "--ray-actors",
+        type=int,
+        help="Ray actors, each loading the model once (default: one a GPU, else 1)",
+    )
+    b.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="retries of a shard whose attempt failed or whose worker died (default 2)",
     )
     b.set_defaults(func=cmd_build)
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datagen.faults import failpoint
 from datagen.index import build_index, index_name
 from datagen.names import key_problem, member_problem
 from datagen.sampleformat import json_bytes
@@ -163,6 +164,7 @@ def write_shard(
         data = tar_bytes(samples)
         digest = hashlib.sha256(data).hexdigest()
         final = out / shard_file(kind, index)
+        failpoint("shard-tar", index)  # mid-shard: the tar is about to be written
         atomic_write(final, data)
         # Read the committed file back: bytes on disk must be the bytes we meant.
         if sha256_file(final) != digest:
@@ -172,6 +174,7 @@ def write_shard(
         # Member offsets and checksums for random access (datagen.index); before the commit
         # marker, so a committed shard has its index.
         atomic_write(out / index_name(final.name), build_index(data, final.name, digest).to_bytes())
+    failpoint("shard-renamed", index)  # tars and indexes in place, no commit marker yet
     stats = ShardStats(index, fingerprint, keys, files, rejected, qc or {})
     atomic_write(out / stats_name(index), json_bytes(stats.to_json()))
     return stats

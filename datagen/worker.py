@@ -17,6 +17,7 @@ import numpy as np
 from datagen.capture.products import capture_spec
 from datagen.check import check_sample
 from datagen.config import BuildConfig, query_sampler
+from datagen.faults import failpoint
 from datagen.plan import ShardTask, WorkUnit
 from datagen.sample import (
     FEATURE_MEMBER,
@@ -269,6 +270,7 @@ class ShardWorker:
         """QC-rejected samples of a qc.rejected=separate build."""
         # Existing videos go one at a time, so one bad file fails alone.
         bs = cfg.generation.batch_size if self.source.kind == "text-to-video" else 1
+        failpoint("shard-start", task.index)
         t0 = time.perf_counter()
         _ = getattr(self.source, "pipe", None)  # load once, timed apart from generation
         timings["load"] += time.perf_counter() - t0
@@ -328,6 +330,7 @@ class ShardWorker:
                                 features[unit.key] = feats
                 if on_sample:
                     on_sample(1)
+                failpoint("shard-sample", task.index)
         t0 = time.perf_counter()
         tars = {"core": members}
         kinds = build_members(cfg)

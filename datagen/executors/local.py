@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
 
 from datagen.config import BuildConfig
+from datagen.errors import UserError
+from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, reason_of
 from datagen.plan import ShardTask
 from datagen.worker import ShardResult, ShardWorker
+
+log = logging.getLogger("datagen.build")
 
 
 def progress_bar(total: int, progress: bool) -> tqdm:
@@ -25,18 +30,44 @@ def progress_bar(total: int, progress: bool) -> tqdm:
 
 
 class LocalExecutor:
+    """Shard after shard in this process."""
+
+    def __init__(self, max_retries: int = DEFAULT_RETRIES):
+        self.max_retries = max_retries
+
     def run(
         self, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool = True
-    ) -> list[ShardResult]:
+    ) -> list[ShardResult | ShardFailure]:
         if not tasks:
             return []
         bar = progress_bar(sum(len(t.units) for t in tasks), progress)
         worker = ShardWorker(cfg)
-        results = []
+        results: list[ShardResult | ShardFailure] = []
         try:
             for task in tasks:
                 bar.set_postfix_str(f"shard {task.index}")
-                results.append(worker.run(task, out, on_sample=bar.update))
+                results.append(self._attempts(worker, task, out, bar))
         finally:
             bar.close()
         return results
+
+    def _attempts(
+        self, worker: ShardWorker, task: ShardTask, out: Path, bar: tqdm
+    ) -> ShardResult | ShardFailure:
+        done = [0]
+
+        def counted(n: int) -> None:
+            done[0] += n
+            bar.update(n)
+
+        for attempt in range(1, self.max_retries + 2):
+            done[0] = 0
+            try:
+                return worker.run(task, out, on_sample=counted)
+            except UserError:
+                raise
+            except Exception as exc:
+                bar.update(-done[0])
+                reason = reason_of(exc)
+                log.warning("shard %d attempt %d failed: %s", task.index, attempt, reason)
+        return ShardFailure(task, reason, attempt)

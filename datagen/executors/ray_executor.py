@@ -1,0 +1,181 @@
+"""Run shard tasks on a Ray cluster (``--executor ray``): one actor per GPU (CPU actors where the
+cluster has none), each loading the model once, taking whole shards.
+
+Ray core actors rather than Ray Data's ``map_batches``: the build needs per-shard retry
+accounting, a named failure after ``max_retries`` and every result back on the driver, and
+Ray Data keeps those inside its own machinery (and names its output files itself). Actors
+restart after a crash (``max_restarts=-1``) but never retry a task on their own
+(``max_task_retries=0``): a shard whose actor died or whose attempt raised is resubmitted here,
+to whichever actor is free. Each actor writes its shards with the same ShardWorker as every
+other executor, so the shards, the stats markers and the manifest (written by the driver) are
+byte-identical to a local build. Workers must see the output folder (a shared file system on
+a multi-node cluster) and have the package installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from datagen.config import BuildConfig
+from datagen.errors import UserError
+from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, reason_of
+from datagen.executors.local import progress_bar
+from datagen.plan import ShardTask
+from datagen.worker import ShardResult, ShardWorker
+
+log = logging.getLogger("datagen.build")
+DIED = "worker actor died (killed, preempted, out of memory or crashed)"
+
+
+class _ShardActor:
+    """One Ray actor: a ShardWorker, its log lines into the build's log."""
+
+    def __init__(self, cfg: BuildConfig, log_path: str, progress: Any):
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("datagen").addHandler(handler)
+        logging.getLogger("datagen").setLevel(logging.INFO)
+        self.worker = ShardWorker(cfg)
+        self.progress = progress
+
+    def run(self, task: ShardTask, out: str) -> ShardResult:
+        def done(n: int) -> None:
+            self.progress.put_nowait((task.index, n))
+
+        return self.worker.run(task, Path(out), on_sample=done)
+
+
+def _env_vars() -> dict[str, str]:
+    """What actors must see of the driver's environment (thread counts, failpoints, caches)."""
+    keep = ("DATAGEN_", "OMP_NUM_THREADS", "HF_", "TRANSFORMERS_", "TORCH_HOME")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
+class RayExecutor:
+    def __init__(
+        self,
+        address: str | None = None,
+        actors: int | None = None,
+        max_retries: int = DEFAULT_RETRIES,
+        num_cpus: int | None = None,
+    ):
+        self.address = address
+        self.actors = actors
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus
+        """CPUs of a local cluster this executor starts (None: all of this machine's)."""
+        self.startup_seconds = 0.0
+
+    def run(
+        self, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool = True
+    ) -> list[ShardResult | ShardFailure]:
+        if not tasks:
+            return []
+        try:
+            import ray
+        except ImportError:
+            raise UserError(
+                "--executor ray needs Ray: pip install -e '.[ray]' (or pip install 'ray[data]')"
+            ) from None
+        import time
+
+        t0 = time.perf_counter()
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(
+                    address=self.address,
+                    num_cpus=self.num_cpus if self.address is None else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": _env_vars()},
+                )
+            except ConnectionError as exc:
+                raise UserError(
+                    f"--ray-address {self.address}: cannot attach to a Ray cluster ({exc}); start "
+                    "one with 'ray start --head' or leave --ray-address out to start a local one"
+                ) from None
+        self.startup_seconds = time.perf_counter() - t0
+        try:
+            return self._run(ray, cfg, tasks, out, progress)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(
+        self, ray: Any, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool
+    ) -> list[ShardResult | ShardFailure]:
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.util.queue import Empty, Queue
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 and cfg.model.device != "cpu"
+        n = self.actors or max(1, gpus if use_gpu else 1)
+        n = min(n, len(tasks))
+        queue = Queue(actor_options={"num_cpus": 0})
+        actor_cls = ray.remote(
+            num_cpus=0 if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=-1,
+            max_task_retries=0,
+        )(_ShardActor)
+        actors = [actor_cls.remote(cfg, str(out / "build.log"), queue) for _ in range(n)]
+        bar = progress_bar(sum(len(t.units) for t in tasks), progress)
+        counted = {t.index: 0 for t in tasks}
+        attempts = {t.index: 0 for t in tasks}
+        results: dict[int, ShardResult | ShardFailure] = {}
+        todo = list(tasks)
+        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+
+        def drain() -> None:
+            while True:
+                try:
+                    index, k = queue.get_nowait()
+                except Empty:
+                    return
+                counted[index] += k
+                bar.update(k)
+
+        def submit(actor: Any) -> None:
+            if todo:
+                task = todo.pop(0)
+                attempts[task.index] += 1
+                inflight[actor.run.remote(task, str(out))] = (actor, task)
+
+        def failed(task: ShardTask, reason: str) -> None:
+            drain()
+            bar.update(-counted[task.index])
+            counted[task.index] = 0
+            log.warning("shard %d attempt %d failed: %s", task.index, attempts[task.index], reason)
+            if attempts[task.index] > self.max_retries:
+                results[task.index] = ShardFailure(task, reason, attempts[task.index])
+            else:
+                todo.append(task)
+
+        try:
+            for actor in actors:
+                submit(actor)
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+                drain()
+                for ref in ready:
+                    actor, task = inflight.pop(ref)
+                    try:
+                        results[task.index] = ray.get(ref)
+                    except RayActorError:
+                        failed(task, DIED)
+                    except RayTaskError as exc:
+                        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                        if isinstance(cause, UserError):
+                            raise cause from None
+                        failed(task, reason_of(cause))
+                    submit(actor)
+            drain()
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
+        return [results[t.index] for t in tasks]

@@ -1,0 +1,107 @@
+"""Faults that lose nothing: a shard that raises is retried, then recorded as a named failure
+(exit 1) that a rerun builds; a worker process killed mid-shard is retried; a build killed at
+each stage boundary ends, after a rerun, byte-identical to an uninterrupted build.
+
+Faults are injected with failpoints (``datagen.faults``, ``DATAGEN_FAILPOINTS``), which worker
+processes inherit; killed builds run as real subprocesses and die by SIGKILL."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from datagen.faults import ENV
+from tests.conftest import ROOT
+
+PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
+# 5 samples in 3 shards (2, 2, 1).
+SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
+            "--set", "generation.batch_size=2"]  # fmt: skip
+
+
+def _digests(out):
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.iterdir())
+        if p.name != "build.log"
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted build, and the prompt bank."""
+    root = tmp_path_factory.mktemp("ref")
+    bank = root / "bank.txt"
+    bank.write_text(PROMPTS)
+    out = root / "ref"
+    cli = [sys.executable, "-m", "datagen.cli", "build", "--prompts", str(bank)]
+    subprocess.run([*cli, "--out", str(out), *SETTINGS], check=True, cwd=ROOT)
+    return bank, _digests(out)
+
+
+def _build(bank, out, *extra, failpoints=None):
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if failpoints:
+        env[ENV] = failpoints
+    cli = [sys.executable, "-m", "datagen.cli", "build", "--prompts", str(bank)]
+    return subprocess.run(
+        [*cli, "--out", str(out), *SETTINGS, *extra],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_a_shard_that_always_raises_is_a_named_failure_and_a_rerun_builds_it(reference, tmp_path):
+    bank, ref = reference
+    out = tmp_path / "ds"
+    run = _build(bank, out, "--max-retries", "1", failpoints="shard-start:1:raise")
+    assert run.returncode == 1, run.stderr
+    assert "shard(s) 1 failed every attempt (1 retries" in run.stderr
+    assert "2 failed" in run.stdout  # shard 1's two samples
+    manifest = json.loads((out / "manifest.json").read_text())
+    failed = [r for r in manifest["rejected"] if r["stage"] == "shard"]
+    assert sorted(r["shard"] for r in failed) == [1, 1]
+    assert all("failed 2 attempts; last: FailpointError" in r["reason"] for r in failed)
+    assert not (out / "core-000001.tar").exists() and not (out / "shard-000001.stats.json").exists()
+    log = (out / "build.log").read_text()
+    assert "shard 1 attempt 1 failed" in log and "shard 1 attempt 2 failed" in log
+    # The rerun builds only shard 1, and the dataset is then the uninterrupted one.
+    run = _build(bank, out)
+    assert run.returncode == 0, run.stderr
+    assert "(2 kept from an earlier run)" in run.stdout
+    assert _digests(out) == ref
+
+
+def test_a_worker_process_killed_mid_shard_is_retried(reference, tmp_path):
+    bank, ref = reference
+    out = tmp_path / "ds"
+    once = tmp_path / "killed-once"
+    run = _build(bank, out, "--workers", "2", failpoints=f"shard-sample:0:kill:{once}")
+    assert run.returncode == 0, run.stderr
+    assert once.exists(), "the fault fired"
+    assert "worker process died" in (out / "build.log").read_text()
+    assert _digests(out) == ref
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["shard-start:1", "shard-sample:1", "shard-tar:1", "shard-renamed:1", "manifest:0"],
+)
+def test_a_build_killed_at_each_stage_boundary_resumes_byte_identical(reference, tmp_path, point):
+    bank, ref = reference
+    out = tmp_path / "ds"
+    run = _build(bank, out, failpoints=f"{point}:kill")
+    assert run.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    run = _build(bank, out)
+    assert run.returncode == 0, run.stderr
+    assert _digests(out) == ref
+    keys = [k for s in json.loads((out / "manifest.json").read_text())["shards"] for k in [s]]
+    assert (
+        sum(s["samples"] for s in keys if s["kind"] == "core")
+        + len(json.loads((out / "manifest.json").read_text())["rejected"])
+        == 5
+    ), "no key lost or duplicated"

@@ -1,0 +1,84 @@
+"""The build on Ray (a local cluster started by the executor): byte-identical to the local
+build, an actor killed mid-shard is retried, a shard that always fails is a named failure."""
+
+import hashlib
+import json
+
+import pytest
+
+ray = pytest.importorskip(
+    "ray", reason="the 'ray' extra is not installed (pip install -e '.[ray]')"
+)
+
+from datagen.faults import ENV  # noqa: E402
+
+PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
+SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
+            "--set", "generation.batch_size=2"]  # fmt: skip
+
+
+def _digests(out):
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.iterdir())
+        if p.name != "build.log"
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from datagen.cli import main
+
+    root = tmp_path_factory.mktemp("ref")
+    bank = root / "bank.txt"
+    bank.write_text(PROMPTS)
+    assert main(["build", "--prompts", str(bank), "--out", str(root / "ref"), *SETTINGS]) == 0
+    return bank, _digests(root / "ref")
+
+
+def test_ray_build_is_byte_identical_and_survives_an_actor_killed_mid_shard(
+    run_cli, reference, tmp_path, monkeypatch
+):
+    bank, ref = reference
+    once = tmp_path / "killed-once"
+    monkeypatch.setenv(ENV, f"shard-sample:0:kill:{once}")
+    out = tmp_path / "ds"
+    code, text, err = run_cli(
+        "build", "--prompts", bank, "--out", out, "--executor", "ray", "--ray-actors", "2",
+        *SETTINGS,
+    )  # fmt: skip
+    assert code == 0, err
+    assert once.exists(), "the fault fired: an actor died mid-shard"
+    assert "worker actor died" in (out / "build.log").read_text()
+    assert _digests(out) == ref
+    assert not ray.is_initialized(), "the cluster it started is shut down"
+
+
+def test_ray_shard_that_always_fails_is_named_and_a_rerun_with_another_executor_ends_identical(
+    run_cli, reference, tmp_path, monkeypatch
+):
+    bank, ref = reference
+    monkeypatch.setenv(ENV, "shard-start:2:raise")
+    out = tmp_path / "ds"
+    code, text, err = run_cli(
+        "build", "--prompts", bank, "--out", out, "--executor", "ray", "--max-retries", "1",
+        *SETTINGS,
+    )  # fmt: skip
+    assert code == 1
+    assert "shard(s) 2 failed every attempt" in err
+    failed = [
+        r for r in json.loads((out / "manifest.json").read_text())["rejected"]
+        if r["stage"] == "shard"
+    ]  # fmt: skip
+    assert [r["shard"] for r in failed] == [2] and "FailpointError" in failed[0]["reason"]
+    monkeypatch.delenv(ENV)
+    code, text, err = run_cli("build", "--prompts", bank, "--out", out, *SETTINGS)
+    assert code == 0, err
+    assert _digests(out) == ref
+
+
+def test_ray_options_need_the_ray_executor(run_cli, tmp_path):
+    bank = tmp_path / "b.txt"
+    bank.write_text("a dog\n")
+    code, _, err = run_cli("build", "--prompts", bank, "--out", tmp_path / "o", "--ray-actors", "2")
+    assert code == 2 and "--ray-address and --ray-actors go with --executor ray" in err
