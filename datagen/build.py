@@ -22,7 +22,7 @@ from typing import Any
 from datagen.capture.products import capture_spec
 from datagen.config import SOURCE_KINDS, BuildConfig
 from datagen.errors import UserError
-from datagen.executors.base import ShardFailure
+from datagen.executors.base import ShardFailure, fatal
 from datagen.faults import failpoint
 from datagen.lock import LOCK, BuildLock
 from datagen.models import get_family, training_vocabulary
@@ -40,7 +40,7 @@ from datagen.shards import (
 from datagen.software import software_versions
 from datagen.sources.procedural import synthetic_config, synthetic_prompts
 from datagen.sources.videos import video_prompts
-from datagen.summary import qc_warning, vocabulary_note
+from datagen.summary import human_bytes, qc_warning, vocabulary_note
 from datagen.track.registry import make_tracker
 from datagen.worker import STAGES, ShardResult, build_members  # noqa: F401  (STAGES re-exported)
 
@@ -167,7 +167,18 @@ def prepare_build(
     except (ValueError, TypeError) as exc:
         raise UserError(f"tracker: {exc} (--set tracker.name=... / tracker.settings=...)") from None
     plan = make_plan(cfg, prompts, limit)
-    needed = plan.num_samples * (plan.bytes_per_sample + plan.feature_bytes_per_sample)
+    one = plan.bytes_per_sample + plan.feature_bytes_per_sample
+    g = cfg.generation
+    base = _nearest_existing(out)
+    disk = shutil.disk_usage(base).total if base.is_dir() else 0
+    if disk and one > disk and not dry_run:
+        # Not space to free up: no disk there could hold one sample of this size.
+        raise UserError(
+            f"generation.num_frames={g.num_frames}, height={g.height}, width={g.width}: one sample "
+            f"would take about {human_bytes(one)}, more than the whole disk under {out} "
+            f"({human_bytes(disk)}); lower generation.num_frames, height or width"
+        )
+    needed = plan.num_samples * one
     shortfall = check_output_dir(out, cfg.fingerprint(), needed, dry_run)
     note = None
     known = training_vocabulary(cfg.model.model_id)
@@ -274,7 +285,13 @@ def _run_locked(req: BuildRequest, progress: bool, executor: Any) -> BuildSummar
         from datagen.shards import atomic_write
 
         failpoint("manifest", 0)  # every shard committed, the manifest not yet written
-        atomic_write(out / MANIFEST, json_bytes(manifest))
+        try:
+            atomic_write(out / MANIFEST, json_bytes(manifest))
+        except OSError as exc:
+            stop = fatal(exc, out)
+            if stop is None:
+                raise
+            raise stop from None
         seconds = time.perf_counter() - start
         summary = BuildSummary(
             out=out,

@@ -8,26 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import UserError
+from datagen.quiet import quiet_libraries
 from datagen.summary import human_bytes
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every user error
-        raise UserError(f"{message} (see 'datagen {self.prog.split()[-1]} --help')")
-
-
-def _quiet_libraries() -> None:
-    """Our progress bar and summary replace the libraries' per-component bars and notices.
-
-    Prompt truncation to ``generation.max_sequence_length`` is expected (the tiny preset reads
-    32 tokens) and the whole prompt is still stored in each sample.
-    """
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+        words = self.prog.split()
+        command = "datagen" if len(words) == 1 else f"datagen {words[-1]}"
+        raise UserError(f"{message} (see '{command} --help')")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -100,7 +89,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             return 0
         print("dry run: nothing written")
         return 0
-    _quiet_libraries()
+    quiet_libraries()
     if args.executor == "ray":
         from datagen.executors.ray_executor import RayExecutor
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,13 +402,16 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"{where}: expected an integer, got {value!r}") from None
     if isinstance(current, float):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if isinstance(current, list):
         if isinstance(value, str):
             text = value.strip()
@@ -521,7 +525,25 @@ def resolve_config(
     return cfg
 
 
+def _non_finite(obj: Any, path: str) -> str | None:
+    """The first path in a config tree holding NaN or an infinity (not JSON; diffusers and
+    the trackers would take them silently)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
 def check_config(cfg: BuildConfig) -> None:
+    bad = _non_finite(cfg.to_dict(), "")
+    if bad:
+        raise UserError(f"{bad}: NaN and infinities are not allowed; give a finite number")
     g = cfg.generation
     positive = {
         "generation.num_frames": g.num_frames,

@@ -2,7 +2,8 @@
 
 Off unless ``DATAGEN_FAILPOINTS`` is set (worker processes and Ray actors inherit it), as
 ``NAME:SHARD:ACTION[:ONCE_FILE]`` items separated by ``;``: at failpoint NAME of shard SHARD,
-ACTION ``kill`` (SIGKILL this process: a crash or preemption) or ``raise`` (an exception).
+ACTION ``kill`` (SIGKILL this process: a crash or preemption), ``raise`` (an exception) or
+``enospc`` (the OSError a full disk gives).
 With ONCE_FILE the fault fires only for the process that creates that file first, so a retry
 goes through. Failpoints, in the order a shard meets them: ``shard-start`` (before its first
 sample), ``shard-sample`` (after each sample: during generation), ``shard-tar`` (before each
@@ -12,6 +13,7 @@ shard); and ``manifest`` (shard 0: every shard committed, before the manifest is
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -39,3 +41,5 @@ def failpoint(name: str, shard: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "raise":
             raise FailpointError(f"failpoint {name} of shard {shard}")
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"failpoint {name}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from datagen.config import resolve_config
 from datagen.executors.local import LocalExecutor
 from datagen.executors.processes import ProcessExecutor
 from datagen.faults import ENV
+from datagen.quiet import quiet_libraries
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--samples-per-shard", type=int, default=16)
     args = ap.parse_args()
+    quiet_libraries()
     cfg = resolve_config(args.preset, None, [f"shards.max_samples={args.samples_per_shard}"])
     rows: dict[str, float] = {}
     same: dict[str, bool] = {}
@@ -89,12 +92,13 @@ def main() -> None:
         flag = "" if name == "local" else ("yes" if same.get(name) else "NO")
         print(f"{name:<10}{sec:>9.1f}{sec / rows['local']:>8.2f}  {flag}")
     print(f"ray start-up (local cluster): {ray_start:.1f} s (not in the ray row)")
-    # The killed attempt had done one sample; its shard was then re-done whole, as were the
-    # other shards in flight in the broken pool (each logged as a failed attempt).
-    redone = log.count("attempt 1 failed")
+    # Work lost to the kill: the samples the failed attempts had done; work re-done: those
+    # shards from the start (retries are per shard).
+    lost = [int(m) for m in re.findall(r"attempt \d+ failed after (\d+) samples", log)]
+    redone = len(lost) * args.samples_per_shard
     print(
-        f"kill: {redone} shard(s) re-done after one worker was killed 1 sample into shard 0 "
-        f"(lost work: 1 sample; re-done: up to {redone * args.samples_per_shard} samples)"
+        f"kill: {len(lost)} shard attempt(s) lost {sum(lost)} samples of work; re-done "
+        f"{redone} samples ({redone / max(sum(lost), 1):.1f}x the lost work: shard granularity)"
     )
 
 

@@ -63,6 +63,43 @@ def bank(tmp_path):
         ),
         (["build", "--prompts", "{bank}"], "the following arguments are required: --out"),
         (["validate", "{tmp}/nothing"], "{tmp}/nothing is not a folder"),
+        (
+            [
+                "build",
+                "--prompts",
+                "{bank}",
+                "--out",
+                "{tmp}/out",
+                "--set",
+                "generation.guidance_scale=nan",
+            ],
+            "--set: generation.guidance_scale: expected a finite number, got 'nan'",
+        ),
+        (
+            [
+                "build",
+                "--prompts",
+                "{bank}",
+                "--out",
+                "{tmp}/out",
+                "--set",
+                'tracker.settings={{"win_size": Infinity}}',
+            ],
+            "tracker.settings.win_size: NaN and infinities are not allowed",
+        ),
+        (
+            [
+                "build",
+                "--prompts",
+                "{bank}",
+                "--out",
+                "{tmp}/out",
+                "--set",
+                "generation.num_frames=100000001",
+            ],
+            "generation.num_frames=100000001, height=32, width=32: one sample would take about",
+        ),
+        ([], "the following arguments are required: command (see 'datagen --help')"),
     ],
 )
 def test_bad_input_prints_one_line_exits_2_writes_nothing(run_cli, tmp_path, bank, argv, message):

@@ -6,11 +6,13 @@ it stops the build."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from datagen.config import BuildConfig
+from datagen.errors import UserError
 from datagen.plan import ShardTask
 from datagen.worker import ShardResult
 
@@ -32,6 +34,28 @@ class Executor(Protocol):
         self, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool = True
     ) -> list[ShardResult | ShardFailure]:
         """One result a task, in the tasks' order."""
+
+
+def fatal(exc: BaseException, out: Path) -> UserError | None:
+    """The error that stops the whole build instead of a retry: a bad config the worker
+    found (UserError), or a full disk (every shard would fail the same way)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"disk full while writing under {out} ({exc.strerror}); free space and run the same "
+            "command again: committed shards are kept and the build resumes"
+        )
+    return None
+
+
+def torch_threads() -> int:
+    """The torch CPU thread count of this (driver) process. Workers and actors run with the
+    same count: CPU kernels split reductions by thread, so the float results, and with them
+    the shard bytes, depend on it (Ray would otherwise give each 1-CPU actor one thread)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def reason_of(exc: BaseException) -> str:

@@ -8,8 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from datagen.config import BuildConfig
-from datagen.errors import UserError
-from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, reason_of
+from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, fatal, reason_of
 from datagen.plan import ShardTask
 from datagen.worker import ShardResult, ShardWorker
 
@@ -64,10 +63,17 @@ class LocalExecutor:
             done[0] = 0
             try:
                 return worker.run(task, out, on_sample=counted)
-            except UserError:
-                raise
             except Exception as exc:
+                stop = fatal(exc, out)
+                if stop is not None:
+                    raise stop from None
                 bar.update(-done[0])
                 reason = reason_of(exc)
-                log.warning("shard %d attempt %d failed: %s", task.index, attempt, reason)
+                log.warning(
+                    "shard %d attempt %d failed after %d samples: %s",
+                    task.index,
+                    attempt,
+                    done[0],
+                    reason,
+                )
         return ShardFailure(task, reason, attempt)

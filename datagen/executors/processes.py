@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from datagen.config import BuildConfig
-from datagen.errors import UserError
-from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, reason_of
+from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, fatal, reason_of, torch_threads
 from datagen.executors.local import progress_bar
 from datagen.plan import ShardTask
+from datagen.quiet import quiet_libraries
 from datagen.worker import ShardResult, ShardWorker
 
 log = logging.getLogger("datagen.build")
@@ -29,13 +29,18 @@ _WORKER: ShardWorker | None = None
 _DONE: Any = None
 
 
-def _start(cfg: BuildConfig, log_path: str, done: Any) -> None:
-    """Process initializer: the worker (model loaded on its first shard) and the log."""
+def _start(cfg: BuildConfig, log_path: str, done: Any, threads: int) -> None:
+    """Process initializer: the worker (model loaded on its first shard), the log, and the
+    driver's torch thread count (CPU float results depend on it: same count, same bytes)."""
     global _WORKER, _DONE
+    import torch
+
+    torch.set_num_threads(threads)
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("datagen").addHandler(handler)
     logging.getLogger("datagen").setLevel(logging.INFO)
+    quiet_libraries()
     _WORKER = ShardWorker(cfg)
     _DONE = done
 
@@ -65,6 +70,7 @@ class ProcessExecutor:
         if not tasks:
             return []
         ctx = multiprocessing.get_context("spawn")
+        threads = torch_threads()
         bar = progress_bar(sum(len(t.units) for t in tasks), progress)
         counted: dict[int, int] = {t.index: 0 for t in tasks}
         attempts: dict[int, int] = {t.index: 0 for t in tasks}
@@ -86,9 +92,16 @@ class ProcessExecutor:
 
         def failed(task: ShardTask, reason: str) -> None:
             drain()
-            bar.update(-counted[task.index])
+            lost = counted[task.index]
+            bar.update(-lost)
             counted[task.index] = 0
-            log.warning("shard %d attempt %d failed: %s", task.index, attempts[task.index], reason)
+            log.warning(
+                "shard %d attempt %d failed after %d samples: %s",
+                task.index,
+                attempts[task.index],
+                lost,
+                reason,
+            )
             if attempts[task.index] > self.max_retries:
                 results[task.index] = ShardFailure(task, reason, attempts[task.index])
             else:
@@ -99,17 +112,22 @@ class ProcessExecutor:
                 drain()
                 done = ctx.Queue()
                 with ProcessPoolExecutor(
-                    max_workers=min(self.workers, len(todo)),
+                    max_workers=self.workers,
                     mp_context=ctx,
                     initializer=_start,
-                    initargs=(cfg, str(out / "build.log"), done),
+                    initargs=(cfg, str(out / "build.log"), done, threads),
                 ) as pool:
+                    # At most one shard a worker in flight, so a dying worker costs only the
+                    # shards that were running, not the queued ones.
                     pending: dict[Future, ShardTask] = {}
-                    for task in todo:
-                        attempts[task.index] += 1
-                        pending[pool.submit(_run, task, str(out))] = task
-                    todo = []
-                    while pending:
+                    broken = False
+                    while True:
+                        while todo and not broken and len(pending) < self.workers:
+                            task = todo.pop(0)
+                            attempts[task.index] += 1
+                            pending[pool.submit(_run, task, str(out))] = task
+                        if not pending:
+                            break
                         finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                         drain()
                         for fut in finished:
@@ -117,10 +135,12 @@ class ProcessExecutor:
                             try:
                                 results[task.index] = fut.result()
                             except BrokenProcessPool:
+                                broken = True  # this pool is done; the rest go to a new one
                                 failed(task, DIED)
-                            except UserError:
-                                raise
                             except Exception as exc:
+                                stop = fatal(exc, out)
+                                if stop is not None:
+                                    raise stop from None
                                 failed(task, reason_of(exc))
                 drain()
         finally:

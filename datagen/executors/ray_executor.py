@@ -21,9 +21,10 @@ from typing import Any
 
 from datagen.config import BuildConfig
 from datagen.errors import UserError
-from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, reason_of
+from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, fatal, reason_of, torch_threads
 from datagen.executors.local import progress_bar
 from datagen.plan import ShardTask
+from datagen.quiet import quiet_libraries
 from datagen.worker import ShardResult, ShardWorker
 
 log = logging.getLogger("datagen.build")
@@ -33,11 +34,15 @@ DIED = "worker actor died (killed, preempted, out of memory or crashed)"
 class _ShardActor:
     """One Ray actor: a ShardWorker, its log lines into the build's log."""
 
-    def __init__(self, cfg: BuildConfig, log_path: str, progress: Any):
+    def __init__(self, cfg: BuildConfig, log_path: str, progress: Any, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)  # the driver's count: same bytes as a local build
         handler = logging.FileHandler(log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("datagen").addHandler(handler)
         logging.getLogger("datagen").setLevel(logging.INFO)
+        quiet_libraries()
         self.worker = ShardWorker(cfg)
         self.progress = progress
 
@@ -122,7 +127,11 @@ class RayExecutor:
             max_restarts=-1,
             max_task_retries=0,
         )(_ShardActor)
-        actors = [actor_cls.remote(cfg, str(out / "build.log"), queue) for _ in range(n)]
+        # The driver holds the config in the object store for the whole run, so an actor that
+        # restarts after a crash finds its constructor arguments (ray-project/ray#53727).
+        cfg_ref = ray.put(cfg)
+        log_path, threads = str(out / "build.log"), torch_threads()
+        actors = [actor_cls.remote(cfg_ref, log_path, queue, threads) for _ in range(n)]
         bar = progress_bar(sum(len(t.units) for t in tasks), progress)
         counted = {t.index: 0 for t in tasks}
         attempts = {t.index: 0 for t in tasks}
@@ -147,9 +156,16 @@ class RayExecutor:
 
         def failed(task: ShardTask, reason: str) -> None:
             drain()
-            bar.update(-counted[task.index])
+            lost = counted[task.index]
+            bar.update(-lost)
             counted[task.index] = 0
-            log.warning("shard %d attempt %d failed: %s", task.index, attempts[task.index], reason)
+            log.warning(
+                "shard %d attempt %d failed after %d samples: %s",
+                task.index,
+                attempts[task.index],
+                lost,
+                reason,
+            )
             if attempts[task.index] > self.max_retries:
                 results[task.index] = ShardFailure(task, reason, attempts[task.index])
             else:
@@ -169,8 +185,9 @@ class RayExecutor:
                         failed(task, DIED)
                     except RayTaskError as exc:
                         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                        if isinstance(cause, UserError):
-                            raise cause from None
+                        stop = fatal(cause, out)
+                        if stop is not None:
+                            raise stop from None
                         failed(task, reason_of(cause))
                     submit(actor)
             drain()
