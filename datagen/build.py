@@ -8,7 +8,6 @@ executors/).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from datagen.lock import LOCK, BuildLock
 from datagen.models import get_family, training_vocabulary
 from datagen.plan import Plan, ShardTask, make_plan
 from datagen.prompts import Prompt, bank_digest, load_prompts
+from datagen.sampleformat import json_value
 from datagen.shards import (
     MANIFEST,
     Rejected,
@@ -96,7 +96,7 @@ def check_output_dir(
             )
         for e in ours:
             try:
-                data = json.loads(e.read_text(encoding="utf-8"))
+                data = json_value(e.read_bytes())
             except (OSError, ValueError):
                 continue
             old = data.get("config_fingerprint")

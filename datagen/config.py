@@ -199,11 +199,16 @@ class BuildConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that can change the bytes written (16 hex digits)."""
-        data = self.to_dict()
         # The device changes where the work runs; the fingerprint keeps it because GPU and CPU
         # kernels round differently, so their outputs differ.
-        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+        return fingerprint_of(self.to_dict())
+
+
+def fingerprint_of(config: dict[str, Any]) -> str:
+    """The fingerprint of a resolved config as stored (``BuildConfig.to_dict()``, or the
+    ``config`` of a manifest or sample): 16 hex digits of its canonical JSON's SHA-256."""
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def _paper_capture(num_layers: int, match_layer: int, steps: int = 50) -> CaptureConfig:

@@ -42,6 +42,7 @@ from datagen.sampleformat import (  # noqa: F401  (re-exported: the tar reader's
     TruncatedShardError,
     iter_members,
     iter_samples,
+    json_value,
 )
 
 INDEX_SUFFIX = ".idx.json"
@@ -109,7 +110,7 @@ class TarIndex:
     def from_bytes(cls, data: bytes, name: str = "index") -> TarIndex:
         """Parse an index file; ValueError naming ``name`` when it is not one."""
         try:
-            obj = json.loads(data)
+            obj = json_value(data)
             if obj.get("format") != INDEX_FORMAT or obj.get("version") != INDEX_VERSION:
                 raise ValueError(f"not a {INDEX_FORMAT} v{INDEX_VERSION}")
             if obj.get("checksum") not in (CHECKSUM, None):

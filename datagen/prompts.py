@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datagen.errors import UserError
+from datagen.sampleformat import json_value
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_PROMPT_CHARS = 2000
@@ -169,9 +170,10 @@ def _read_jsonl(path: Path) -> list[Prompt]:
             continue
         where = f"{path}:{i}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc.msg}); one object per line") from None
+            obj = json_value(line)
+        except ValueError as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise UserError(f"{where}: not valid JSON ({msg}); one object per line") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: each line must be a JSON object with a 'prompt' field")
         unknown = set(obj) - _FIELDS

@@ -190,8 +190,13 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def json_value(buf: Any) -> Any:
-    """A ``json`` member's value (ValueError when it is not JSON)."""
-    return json.loads(bytes(buf))
+    """The value of JSON bytes or text read from a dataset, a prompt file or a lock file:
+    ValueError when it is not JSON, including JSON nested too deeply to parse (which
+    ``json.loads`` reports as a RecursionError)."""
+    try:
+        return json.loads(buf if isinstance(buf, str) else bytes(buf))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 # --- safetensors -----------------------------------------------------------------------------
@@ -226,7 +231,7 @@ def safetensors_arrays(
     n = int.from_bytes(mv[:8], "little")
     if n > len(mv) - 8:
         raise ValueError("safetensors header runs past the data")
-    header = json.loads(bytes(mv[8 : 8 + n]))
+    header = json_value(mv[8 : 8 + n])
     if not isinstance(header, dict):
         raise ValueError("safetensors header is not a JSON object")
     base = 8 + n

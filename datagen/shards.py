@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 from datagen.faults import failpoint
 from datagen.index import build_index, index_name
 from datagen.names import key_problem, member_problem
-from datagen.sampleformat import json_bytes
+from datagen.sampleformat import json_bytes, json_value
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -185,7 +184,7 @@ def read_stats(out: Path, index: int) -> ShardStats | None:
     if not path.is_file():
         return None
     try:
-        return ShardStats.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return ShardStats.from_json(json_value(path.read_bytes()))
     except (ValueError, TypeError, KeyError):
         return None
 

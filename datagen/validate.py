@@ -11,13 +11,14 @@ of every shard, the member lists, the schema and the numeric checks of :mod:`dat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datagen.check import check_capture, check_sample
+from datagen.config import fingerprint_of
 from datagen.errors import UserError
+from datagen.index import build_index, index_name
 from datagen.sampleformat import (
     CORR_MEMBER,
     FEATURE_MEMBER,
@@ -28,7 +29,7 @@ from datagen.sampleformat import (
     read_tar,
 )
 from datagen.schemas import schema_errors
-from datagen.shards import MANIFEST, sha256_file
+from datagen.shards import MANIFEST, read_stats, sha256_file, stats_name
 
 
 def validate_dataset(
@@ -41,13 +42,19 @@ def validate_dataset(
     if not manifest_path.is_file():
         raise UserError(f"{folder} has no {MANIFEST}; is it a datagen dataset folder?")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json_value(manifest_path.read_bytes())
     except (OSError, ValueError) as exc:
         return [f"{MANIFEST}: not valid JSON ({exc})"], 0
     problems = [f"{MANIFEST}: {e}" for e in schema_errors("manifest", manifest)]
     if problems:
         return problems, 0
     members = manifest["members"]
+    fp = manifest["config_fingerprint"]
+    if fingerprint_of(manifest["config"]) != fp:
+        problems.append(
+            f"{MANIFEST}: config_fingerprint {fp} is not the fingerprint of its config "
+            f"({fingerprint_of(manifest['config'])}): edited"
+        )
     listed = {s["path"] for s in manifest["shards"]}
     for pattern in ("core-*.tar", "features-*.tar", "rejected-*.tar"):
         for extra in sorted(p.name for p in folder.glob(pattern)):
@@ -81,6 +88,9 @@ def validate_dataset(
                 keys.append(key)
                 if kind in ("core", "rejected"):
                     found, meta = _check_core(key, raw, expected)
+                    if meta is not None and meta.get("config_fingerprint") != fp:
+                        found.append(f"config_fingerprint {meta.get('config_fingerprint')} is "
+                                     f"not the build's {fp}")  # fmt: skip
                     found += _check_verdict(key, kind, meta, qc_mode, qc_listed)
                     if kind == "core":
                         checked += 1
@@ -99,6 +109,8 @@ def validate_dataset(
         except OSError as exc:
             problems.append(f"{name}: unreadable tar ({exc})")
             continue
+        problems += _check_index(path, entry)
+        problems += _check_marker(folder, entry, keys, fp)
         if len(keys) != entry["samples"]:
             problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")
         if keys and (keys[0], keys[-1]) != (entry["first_key"], entry["last_key"]):
@@ -111,6 +123,39 @@ def validate_dataset(
     if checked != total and not any("unreadable" in p or "missing" in p for p in problems):
         problems.append(f"{MANIFEST}: totals.samples is {total}, core shards hold {checked}")
     return problems, checked
+
+
+def _check_index(path: Path, entry: dict[str, Any]) -> list[str]:
+    """The member index beside a shard must be the one its bytes give (the loader trusts
+    offsets and checksums it finds there)."""
+    idx = path.with_name(index_name(path.name))
+    if not idx.is_file():
+        return [f"{idx.name}: missing (every committed shard has its member index)"]
+    want = build_index(path.read_bytes(), path.name, entry["sha256"]).to_bytes()
+    if idx.read_bytes() != want:
+        return [
+            f"{idx.name}: differs from the index of {path.name} (edited, or from another "
+            "build); delete it and the loader scans the tar instead"
+        ]
+    return []
+
+
+def _check_marker(folder: Path, entry: dict[str, Any], keys: list[str], fp: str) -> list[str]:
+    """The shard's stats marker (what resume trusts) must agree with the shard and manifest."""
+    name = stats_name(entry["index"])
+    stats = read_stats(folder, entry["index"])
+    if stats is None:
+        return [f"{name}: missing or unreadable (a rerun would rebuild shard {entry['index']})"]
+    out = []
+    if stats.config_fingerprint != fp:
+        out.append(f"{name}: config_fingerprint {stats.config_fingerprint}, {MANIFEST} has {fp}")
+    f = stats.files.get(entry["kind"]) or {}
+    if f.get("sha256") != entry["sha256"] or f.get("bytes") != entry["bytes"]:
+        out.append(f"{name}: sha256 or size of {entry['path']} differs from {MANIFEST}")
+    want = stats.separated_keys if entry["kind"] == "rejected" else stats.keys
+    if want != keys:
+        out.append(f"{name}: its key list differs from the keys in {entry['path']}")
+    return out
 
 
 def _check_verdict(

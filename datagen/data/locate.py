@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob as globlib
 import io
-import json
 import os
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ from typing import Any, BinaryIO
 
 from datagen.errors import UserError
 from datagen.names import key_problem, shard_file_problem
-from datagen.sampleformat import FEATURE_MEMBER
+from datagen.sampleformat import FEATURE_MEMBER, json_value
 from datagen.shards import MANIFEST
 
 
@@ -161,7 +160,7 @@ def _manifest_shards(
     data: bytes, where: str, base: str, split: str = "core"
 ) -> tuple[list[Shard], dict[str, Any]]:
     try:
-        manifest = json.loads(data)
+        manifest = json_value(data)
         entries = manifest["shards"]
         by_index: dict[int, dict[str, dict[str, Any]]] = {}
         for e in entries:
