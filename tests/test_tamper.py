@@ -99,3 +99,40 @@ def test_json_nested_too_deeply_is_a_finding_not_a_traceback(run_cli, ds, name):
     code, out = _validate(run_cli, ds)
     assert code == 1 and "Traceback" not in out and "RecursionError" not in out
     assert name in out
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """The same prompts built with another seed: same keys and shard names, other bytes."""
+    from datagen.cli import main
+
+    root = tmp_path_factory.mktemp("other")
+    bank = root / "bank.txt"
+    bank.write_text(PROMPTS)
+    out = root / "ds"
+    argv = ["build", "--prompts", str(bank), "--out", str(out), "--preset", "tiny-random"]
+    assert main([*argv, "--quiet", "--set", "generation.seed=7"]) == 0
+    return out
+
+
+def test_the_loader_refuses_a_shard_and_index_swapped_in_from_another_build(ds, other):
+    from datagen import open_dataset
+    from datagen.sampleformat import CorruptShardError
+
+    for name in ("core-000000.tar", "core-000000.tar.idx.json"):
+        shutil.copy(other / name, ds / name)
+    with pytest.raises(CorruptShardError, match="core-000000.tar: is not the shard the manifest"):
+        list(open_dataset(ds, video=False))
+
+
+def test_the_loader_refuses_a_lowered_sample_count(ds):
+    from datagen import open_dataset
+    from datagen.sampleformat import CorruptShardError
+
+    def lower(m):
+        m["shards"][0]["samples"] -= 1
+        m["totals"]["samples"] -= 1
+
+    _edit_json(ds / "manifest.json", lower)
+    with pytest.raises(CorruptShardError, match="holds 2 samples, the manifest lists 1"):
+        list(open_dataset(ds, video=False))

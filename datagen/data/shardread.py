@@ -84,7 +84,16 @@ class _LocalTar:
 
 def _index_ok(idx: TarIndex, loc: str, sha256: str | None) -> bool:
     name = loc.rstrip("/").rsplit("/", 1)[-1]
-    if idx.tar != name or (sha256 is not None and idx.sha256 not in (None, sha256)):
+    foreign = sha256 is not None and idx.sha256 not in (None, sha256)
+    if foreign and not _is_url(loc) and os.path.getsize(_local(loc)) == idx.bytes:
+        # The index describes the file on disk, and both are another shard than the one the
+        # manifest lists: reading on would return another build's samples.
+        raise CorruptShardError(
+            name, None, f"is not the shard the manifest lists (its index records sha256 "
+            f"{idx.sha256[:12]}..., the manifest {sha256[:12]}...): replaced or swapped in from "
+            "another build; run datagen validate"
+        )  # fmt: skip
+    if idx.tar != name or foreign:
         log.warning("%s: index is stale (does not match the shard); scanning headers", loc)
         return False
     return True
@@ -190,12 +199,31 @@ class ShardReader:
         if idx is None:
             with open(path, "rb") as f:
                 idx, error = scan_index(f, name, os.fstat(f.fileno()).st_size)
+        if error is None:
+            self._check_count(i, idx, name)
         self.indexes[(i, kind)] = idx
         tar = _LocalTar(path, idx, error, name)
         self._tars[loc] = tar
         while len(self._tars) > 16:
             self._tars.popitem(last=False)
         return tar
+
+    def _check_count(self, i: int, idx: TarIndex, name: str) -> None:
+        """The shard must hold the samples its manifest lists, first and last key included
+        (a lowered count would otherwise hide samples silently)."""
+        s = self.shards[i]
+        if s.samples is not None and len(idx.samples) != s.samples:
+            raise CorruptShardError(
+                name, None, f"holds {len(idx.samples)} samples, the manifest lists {s.samples}; "
+                "run datagen validate"
+            )  # fmt: skip
+        if idx.samples and s.first_key is not None:
+            ends = (idx.samples[0].key, idx.samples[-1].key)
+            if ends != (s.first_key, s.last_key):
+                raise CorruptShardError(
+                    name, None, f"first/last keys {ends} differ from the manifest's "
+                    f"{(s.first_key, s.last_key)}; run datagen validate"
+                )  # fmt: skip
 
     def _verify_shard(self, i: int, kind: str) -> None:
         """sha256 of the whole tar against the manifest (verify="all"), once per process."""
