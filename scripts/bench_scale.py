@@ -1,7 +1,7 @@
 """The same build with each executor: wall-time ratios against the in-process build measured
 in the same run, Ray's start-up apart, and the work re-done after a worker is killed.
 
-Usage: python scripts/bench_scale.py [--limit 64] [--preset tiny] [--rounds 1]
+Usage: python scripts/bench_scale.py [--limit 64] [--preset tiny] [--threads 1]
 
 - local: the in-process executor (the baseline of every ratio);
 - workers2: ``--workers 2`` (two spawned processes, each loading the model);
@@ -53,7 +53,17 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--samples-per-shard", type=int, default=16)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every build (workers and actors take the driver's count, so "
+        "that all executors write the same bytes; 1 keeps 2 workers within 2 cores)",
+    )
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     quiet_libraries()
     cfg = resolve_config(args.preset, None, [f"shards.max_samples={args.samples_per_shard}"])
     rows: dict[str, float] = {}
@@ -86,14 +96,18 @@ def main() -> None:
             del os.environ[ENV]
         same["kill"] = digests(root / "kill") == ref
         log = (root / "kill" / "build.log").read_text()
-    print(f"{args.limit} samples of preset {args.preset}, shards of {args.samples_per_shard}")
+    print(
+        f"{args.limit} samples of preset {args.preset}, shards of {args.samples_per_shard}, "
+        f"{args.threads} torch thread(s) a process"
+    )
     print(f"{'executor':<10}{'seconds':>9}{'ratio':>8}  same bytes as local")
     for name, sec in rows.items():
         flag = "" if name == "local" else ("yes" if same.get(name) else "NO")
         print(f"{name:<10}{sec:>9.1f}{sec / rows['local']:>8.2f}  {flag}")
     print(f"ray start-up (local cluster): {ray_start:.1f} s (not in the ray row)")
-    # Work lost to the kill: the samples the failed attempts had done; work re-done: those
-    # shards from the start (retries are per shard).
+    # Work lost to the kill: the samples the failed attempts had reported (a killed worker's
+    # last report can die with it, so this can read low); work re-done: those shards from
+    # the start (retries are per shard).
     lost = [int(m) for m in re.findall(r"attempt \d+ failed after (\d+) samples", log)]
     redone = len(lost) * args.samples_per_shard
     print(

@@ -8,6 +8,7 @@ processes inherit; killed builds run as real subprocesses and die by SIGKILL."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,43 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes(reference, tmp_path
     assert len(lines) == 1 and lines[0].startswith("datagen: error: disk full while writing")
     assert "run the same command again" in lines[0]
     assert "attempt 2" not in (out / "build.log").read_text(), "a full disk is not retried"
+    run = _build(bank, out)
+    assert run.returncode == 0, run.stderr
+    assert _digests(out) == ref
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB file system (tmpfs), where this machine lets the suite mount one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.decode().strip()})")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_mid_build_stops_in_one_line_and_resumes(reference, small_disk):
+    from datagen.build import prepare_build, run_build
+    from datagen.config import resolve_config
+    from datagen.errors import UserError
+
+    bank, ref = reference
+    out = small_disk / "ds"
+    sets = ["shards.max_samples=2", "generation.batch_size=2"]
+    cfg = resolve_config("tiny-random", None, sets)
+    req = prepare_build(cfg, bank, out)  # the estimate fits
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    one_shard = 2 * (req.plan.bytes_per_sample + req.plan.feature_bytes_per_sample)
+    filler.write_bytes(b"\0" * max(0, free - int(1.5 * one_shard)))  # room for about one shard
+    with pytest.raises(UserError, match="disk full while writing under .*run the same command"):
+        run_build(req, progress=False)
+    assert not (out / "manifest.json").exists()
+    filler.unlink()
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
     assert _digests(out) == ref

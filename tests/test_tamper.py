@@ -136,3 +136,27 @@ def test_the_loader_refuses_a_lowered_sample_count(ds):
     _edit_json(ds / "manifest.json", lower)
     with pytest.raises(CorruptShardError, match="holds 2 samples, the manifest lists 1"):
         list(open_dataset(ds, video=False))
+
+
+@pytest.mark.parametrize("command", ["export", "inspect"])
+def test_export_and_inspect_answer_deep_json_in_one_line(run_cli, ds, tmp_path, command):
+    (ds / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    argv = [command, ds] + (["--to", tmp_path / "exp"] if command == "export" else [])
+    code, _, err = run_cli(*argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "nested too deeply" in err
+    assert not list(tmp_path.glob("exp*")), "nothing written, no .partial folder"
+
+
+def test_inspect_on_a_corrupt_sample_is_one_line(run_cli, ds, tmp_path):
+    idx = json.loads((ds / "core-000000.tar.idx.json").read_text())
+    offset, size, _ = idx["samples"][0]["members"]["mp4"]
+    tar = ds / "core-000000.tar"
+    raw = bytearray(tar.read_bytes())
+    for k in range(offset + 64, offset + size - 8, 5):
+        raw[k] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    (ds / "core-000000.tar.idx.json").unlink()  # no checksums to stop it early: decode it
+    code, _, err = run_cli("inspect", ds, "--png", tmp_path / "x.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot be decoded" in err and "run datagen validate" in err
