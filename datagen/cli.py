@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 def cmd_build(args: argparse.Namespace) -> int:
     from datagen.build import prepare_build, run_build
     from datagen.capture.products import capture_spec
-    from datagen.config import SOURCE_KINDS, resolve_config
+    from datagen.config import SOURCE_KINDS
+    from datagen.presets import resolve_config
     from datagen.summary import qc_warning, summary_lines
 
     if args.workers < 1:
@@ -171,7 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     names = ("busy", "smooth") if args.scenes == "both" else (args.scenes,)
     base: dict = {}
     if args.preset is not None:
-        from datagen.config import preset
+        from datagen.presets import preset
 
         base = dict(preset(args.preset).source.synthetic)
     reports = {}

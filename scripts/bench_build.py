@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from datagen.build import STAGES, prepare_build, run_build
-from datagen.config import resolve_config
+from datagen.presets import resolve_config
 
 
 def main() -> None:

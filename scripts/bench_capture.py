@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from datagen.config import resolve_config
 from datagen.plan import make_plan
+from datagen.presets import resolve_config
 from datagen.prompts import load_prompts
 from datagen.worker import ShardWorker
 

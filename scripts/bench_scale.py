@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
 from datagen.executors.local import LocalExecutor
 from datagen.executors.processes import ProcessExecutor
 from datagen.faults import ENV
+from datagen.presets import resolve_config
 from datagen.quiet import quiet_libraries
 
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
 from datagen.data import open_dataset
 from datagen.models import tiny_dit
+from datagen.presets import resolve_config
 from datagen.sources.synthetic import render_synthetic_video
 from datagen.video import encode_video
 

@@ -23,8 +23,8 @@ import torch
 
 from datagen.analysis.matching import analyse_dataset
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
 from datagen.models import tiny_dit
+from datagen.presets import resolve_config
 from datagen.sources.synthetic import render_synthetic_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 
 from datagen import open_dataset
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
+from datagen.presets import resolve_config
 from datagen.sample import CORE_MEMBERS, CORR_MEMBER, QC_MEMBER
 from datagen.sampleformat import read_tar
 from datagen.validate import validate_dataset

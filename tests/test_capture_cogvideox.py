@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from datagen.capture.recorder import CaptureSpec, Recorder
-from datagen.config import resolve_config
 from datagen.models.cogvideox import CogVideoXFamily
 from datagen.models.tiny_cogvideox import build_tiny_pipeline
+from datagen.presets import resolve_config
 
 VARIANTS = {
     "1.0-2b (sin-cos, no RoPE)": {},

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from datagen.config import PRESETS, resolve_config
 from datagen.errors import UserError
+from datagen.presets import PRESETS, resolve_config
 
 
 def test_presets_carry_paper_settings():

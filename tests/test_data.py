@@ -16,7 +16,6 @@ import pytest
 import safetensors.numpy
 
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
 from datagen.data import (
     CorruptShardError,
     FeatureSpec,
@@ -32,6 +31,7 @@ from datagen.data import (
 )
 from datagen.errors import UserError
 from datagen.index import TarIndex, index_name
+from datagen.presets import resolve_config
 from datagen.video import decode_video
 
 PROMPTS = "\n".join(

@@ -12,8 +12,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-from datagen.config import PRESETS, preset
 from datagen.models import FAMILIES, get_family
+from datagen.presets import PRESETS, preset
 
 TINY = {
     "cogvideox": "tiny-random",

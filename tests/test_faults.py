@@ -141,8 +141,8 @@ def small_disk(tmp_path):
 
 def test_a_real_full_disk_mid_build_stops_in_one_line_and_resumes(reference, small_disk):
     from datagen.build import prepare_build, run_build
-    from datagen.config import resolve_config
     from datagen.errors import UserError
+    from datagen.presets import resolve_config
 
     bank, ref = reference
     out = small_disk / "ds"

@@ -12,9 +12,10 @@ import torch
 from datagen import open_dataset
 from datagen.analysis.matching import head_averaged_matches
 from datagen.build import prepare_build, run_build
-from datagen.config import VideoConfig, resolve_config
+from datagen.config import VideoConfig
 from datagen.layout import TokenLayout
 from datagen.models.cogvideox import CogVideoXFamily, capture_qk
+from datagen.presets import resolve_config
 from datagen.sources.synthetic import SyntheticConfig, render_synthetic_video
 from datagen.validate import validate_dataset
 from datagen.video import encode_video

@@ -62,8 +62,8 @@ def i2v_folder(tmp_path_factory) -> Path:
 
 
 def test_i2v_generation_gets_the_exact_first_frame_latents(i2v_folder):
-    from datagen.config import resolve_config
     from datagen.models.cogvideox import CogVideoXFamily
+    from datagen.presets import resolve_config
 
     cfg = resolve_config("tiny", None, [f"model.model_id={i2v_folder}"])
     fam = CogVideoXFamily()

@@ -10,8 +10,9 @@ import pytest
 from datagen import open_dataset
 from datagen.analysis.matching import head_averaged_matches, query_tokens_of
 from datagen.build import prepare_build, run_build
-from datagen.config import VideoConfig, resolve_config
+from datagen.config import VideoConfig
 from datagen.layout import TokenLayout
+from datagen.presets import resolve_config
 from datagen.sources.synthetic import SyntheticConfig, exact_tracks, render_synthetic_video
 from datagen.validate import validate_dataset
 from datagen.video import encode_video

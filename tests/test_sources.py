@@ -4,7 +4,7 @@ import numpy as np
 
 from datagen import open_dataset
 from datagen.build import prepare_build, run_build
-from datagen.config import resolve_config
+from datagen.presets import resolve_config
 from datagen.sources.procedural import synthetic_config
 from datagen.sources.synthetic import render_synthetic_video
 from datagen.validate import validate_dataset

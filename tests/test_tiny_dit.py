@@ -56,8 +56,8 @@ def test_pixel_vae_is_the_identity_on_valid_pixels():
 
 
 def test_trained_preset_generates_its_size_through_the_family():
-    from datagen.config import resolve_config
     from datagen.models.cogvideox import CogVideoXFamily
+    from datagen.presets import resolve_config
 
     cfg = resolve_config("tiny")
     fam = CogVideoXFamily()
