@@ -155,3 +155,8 @@ def test_every_script_starts_with_the_installed_package():
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(_script_help, scripts))
     assert {name: err for name, code, err in results if code} == {}
+
+
+def test_no_module_is_over_600_lines():
+    long = {n: len(p.read_text().splitlines()) for n, p in MODULES.items()}
+    assert {n: k for n, k in long.items() if k > 600} == {}
