@@ -133,6 +133,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datagen.verify import verify
+
+    problems, what = verify(args.path, quick=args.quick)
+    for p in problems:
+        print(f"{args.path}: {p}")
+    depth = "checksums and counts" if args.quick else "checksums, counts and every sample"
+    if problems:
+        print(f"not verified: {len(problems)} problem(s) in {what} {args.path}", file=sys.stderr)
+        return 1
+    print(f"verified {what} {args.path} ({depth})")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from datagen.release import make_release
+
+    made = make_release(
+        args.dataset,
+        args.out,
+        args.name,
+        args.version,
+        args.license,
+        features=args.features,
+        prompts=args.prompts,
+    )
+    print(
+        f"release {args.name} {args.version}: {made['samples']} samples in {made['shards']} core "
+        f"shards -> {made['out']} (check it with datagen verify {made['out']})"
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from datagen.inspection import default_png, find_sample, render_tracks, summary, write_png
 
@@ -299,6 +332,26 @@ def make_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check every shard against manifest and schemas")
     v.add_argument("dataset", type=Path)
     v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("release", help="a versioned, carded, checksummed release folder")
+    r.add_argument("dataset", type=Path, help="build folder")
+    r.add_argument("--name", required=True)
+    r.add_argument("--version", required=True, help="X.Y.Z")
+    r.add_argument("--license", required=True, help="SPDX id, e.g. cc-by-4.0")
+    r.add_argument("--out", type=Path, required=True, help="release folder to create")
+    r.add_argument("--prompts", type=Path, help="the prompt bank the build used (included)")
+    r.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the q/k feature shards (default) or not",
+    )
+    r.set_defaults(func=cmd_release)
+
+    f = sub.add_parser("verify", help="check a release (or build) folder: sums, card, samples")
+    f.add_argument("path", type=Path)
+    f.add_argument("--quick", action="store_true", help="checksums and counts only")
+    f.set_defaults(func=cmd_verify)
 
     c = sub.add_parser(
         "calibrate",
