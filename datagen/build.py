@@ -23,6 +23,7 @@ from datagen.config import SOURCE_KINDS, BuildConfig
 from datagen.errors import UserError
 from datagen.executors.base import ShardFailure, fatal
 from datagen.faults import failpoint
+from datagen.index import index_name
 from datagen.lock import LOCK, BuildLock
 from datagen.models import get_family, training_vocabulary
 from datagen.plan import Plan, ShardTask, make_plan
@@ -35,6 +36,7 @@ from datagen.shards import (
     build_manifest,
     committed_stats,
     read_stats,
+    shard_file,
     stats_name,
 )
 from datagen.software import software_versions
@@ -105,16 +107,37 @@ def check_output_dir(
                     f"output {out} holds a build with config fingerprint {old}, this config has "
                     f"{fingerprint}; build into a new folder or delete the old one to rebuild"
                 )
-    free = shutil.disk_usage(base).free
+    usage = shutil.disk_usage(base)
+    if usage.total == 0:
+        raise UserError(
+            f"output {out} is not writable ({base} is on a file system that holds no files, "
+            "such as /proc); choose another --out"
+        )
+    free = usage.free
     if needed_bytes > free:
         why = (
-            f"output {out} is not writable: the build needs about {needed_bytes / 1e6:.1f} MB "
-            f"but {base} has {free / 1e6:.1f} MB free; free space or choose another --out"
+            f"output {out}: not enough free space: the build needs about "
+            f"{needed_bytes / 1e6:.1f} MB more but {base} has {free / 1e6:.1f} MB free; free "
+            "space or choose another --out"
         )
         if not dry_run:
             raise UserError(why)
         return why
     return None
+
+
+def committed_samples(out: Path, plan: Plan, cfg: BuildConfig) -> int:
+    """Samples of the plan in shards an earlier run of this config already committed."""
+    if not out.is_dir():
+        return 0
+    fp, kinds = cfg.fingerprint(), tuple(build_members(cfg))
+    done = 0
+    for task in plan.shards:
+        stats = committed_stats(out, task.index, fp, kinds)
+        planned = sorted(u.key for u in task.units)
+        if stats is not None and sorted(stats.keys + [r.key for r in stats.rejected]) == planned:
+            done += len(task.units)
+    return done
 
 
 def prepare_build(
@@ -178,7 +201,9 @@ def prepare_build(
             f"would take about {human_bytes(one)}, more than the whole disk under {out} "
             f"({human_bytes(disk)}); lower generation.num_frames, height or width"
         )
-    needed = plan.num_samples * one
+    # A resume needs room only for the shards not yet committed.
+    todo = plan.num_samples - committed_samples(out, plan, cfg)
+    needed = todo * one
     shortfall = check_output_dir(out, cfg.fingerprint(), needed, dry_run)
     note = None
     known = training_vocabulary(cfg.model.model_id)
@@ -267,6 +292,11 @@ def _run_locked(req: BuildRequest, progress: bool, executor: Any) -> BuildSummar
         results = executor.run(cfg, todo, out, progress=progress)
         built = [r.stats for r in results if isinstance(r, ShardResult)]
         failed = [failed_shard(r, fp) for r in results if isinstance(r, ShardFailure)]
+        for f in failed:  # uncommitted files a failed attempt may have left
+            for kind in ("core", "features", "rejected"):
+                name = shard_file(kind, f.index)
+                (out / name).unlink(missing_ok=True)
+                (out / index_name(name)).unlink(missing_ok=True)
         timings: dict[str, float] = defaultdict(float)
         for r in results:
             for k, v in getattr(r, "timings", {}).items():

@@ -8,7 +8,8 @@ With ONCE_FILE the fault fires only for the process that creates that file first
 goes through. Failpoints, in the order a shard meets them: ``shard-start`` (before its first
 sample), ``shard-sample`` (after each sample: during generation), ``shard-tar`` (before each
 tar is written), ``shard-renamed`` (tars in place, before the stats marker that commits the
-shard); and ``manifest`` (shard 0: every shard committed, before the manifest is written).
+shard); ``manifest`` (shard 0: every shard committed, before the manifest is written); and
+``worker-start`` (shard 0: a Ray actor making its worker).
 """
 
 from __future__ import annotations

@@ -50,9 +50,14 @@ class BuildLock:
                 break
             # The previous holder removed the file between our open and our lock: retry.
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            holder = {"pid": os.getpid(), "host": socket.gethostname()}
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)  # and with it the lock: nothing is held when this raises
+            raise
         self._fd = fd
         return self
 

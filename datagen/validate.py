@@ -50,6 +50,15 @@ def validate_dataset(
         return problems, 0
     members = manifest["members"]
     fp = manifest["config_fingerprint"]
+    failed: dict[int, str] = {}
+    for r in manifest["rejected"]:
+        if r["stage"] == "shard":
+            failed.setdefault(r["shard"], r["reason"])
+    for index, reason in sorted(failed.items()):
+        problems.append(
+            f"{MANIFEST}: shard {index} failed during the build ({reason}); the dataset is "
+            "incomplete: run the build again to build it"
+        )
     if fingerprint_of(manifest["config"]) != fp:
         problems.append(
             f"{MANIFEST}: config_fingerprint {fp} is not the fingerprint of its config "

@@ -156,7 +156,36 @@ def test_a_real_full_disk_mid_build_stops_in_one_line_and_resumes(reference, sma
     with pytest.raises(UserError, match="disk full while writing under .*run the same command"):
         run_build(req, progress=False)
     assert not (out / "manifest.json").exists()
+    # Free room for the shards still to build, not for the whole dataset: the resume must
+    # count what is committed.
+    one = req.plan.bytes_per_sample + req.plan.feature_bytes_per_sample
     filler.unlink()
+    free = shutil.disk_usage(small_disk).free
+    left = 5 - 2  # shard 0 (2 samples) committed before the disk filled
+    assert free > int(1.3 * left * one)
+    filler.write_bytes(b"\0" * (free - int(1.3 * left * one)))
+    assert shutil.disk_usage(small_disk).free < 5 * one, "not room for the whole dataset"
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
     assert _digests(out) == ref
+
+
+def test_a_dying_worker_charges_only_its_own_shard(reference, tmp_path):
+    """With --max-retries 0, one transient kill fails nothing (the shards in flight re-run
+    alone, uncharged); a shard that always kills its worker fails alone, the others build."""
+    bank, ref = reference
+    out = tmp_path / "once"
+    once = tmp_path / "killed-once"
+    run = _build(bank, out, "--workers", "2", "--max-retries", "0",
+                 failpoints=f"shard-sample:0:kill:{once}")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert once.exists() and _digests(out) == ref
+    out = tmp_path / "always"
+    run = _build(bank, out, "--workers", "2", "--max-retries", "1",
+                 failpoints="shard-sample:1:kill")  # fmt: skip
+    assert run.returncode == 1
+    assert "shard(s) 1 failed every attempt" in run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {r["shard"] for r in manifest["rejected"] if r["stage"] == "shard"} == {1}
+    assert [s["index"] for s in manifest["shards"] if s["kind"] == "core"] == [0, 2]
+    assert not list(out.glob("*-000001.tar*")), "the failed shard leaves no files behind"

@@ -82,3 +82,38 @@ def test_ray_options_need_the_ray_executor(run_cli, tmp_path):
     bank.write_text("a dog\n")
     code, _, err = run_cli("build", "--prompts", bank, "--out", tmp_path / "o", "--ray-actors", "2")
     assert code == 2 and "--ray-address and --ray-actors go with --executor ray" in err
+
+
+def _ray_build(bank, out, *extra, failpoints=None):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if failpoints:
+        env[ENV] = failpoints
+    cli = [sys.executable, "-m", "datagen.cli", "build", "--prompts", str(bank), "--out", str(out)]
+    return subprocess.run(
+        [*cli, "--executor", "ray", *SETTINGS, *extra],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def test_more_actors_than_the_cluster_holds_does_not_hang(reference, tmp_path):
+    bank, ref = reference
+    run = _ray_build(bank, tmp_path / "ds", "--ray-actors", "8")
+    assert run.returncode == 0, run.stderr
+    assert _digests(tmp_path / "ds") == ref
+    assert "the cluster has room for" in (tmp_path / "ds" / "build.log").read_text()
+
+
+def test_actors_that_cannot_start_stop_the_build_in_one_line(reference, tmp_path):
+    bank, _ = reference
+    run = _ray_build(bank, tmp_path / "ds", "--ray-actors", "2",
+                     failpoints="worker-start:0:raise")  # fmt: skip
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("datagen: error: no Ray actor can run shards (FailpointError")
+    assert not (tmp_path / "ds" / "manifest.json").exists()

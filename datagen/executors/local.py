@@ -32,6 +32,8 @@ class LocalExecutor:
     """Shard after shard in this process."""
 
     def __init__(self, max_retries: int = DEFAULT_RETRIES):
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
         self.max_retries = max_retries
 
     def run(

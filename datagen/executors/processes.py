@@ -1,10 +1,15 @@
 """Run shard tasks in N local worker processes (``--workers N``), started with spawn.
 
-Each process loads the model and tracker once (a :class:`datagen.worker.ShardWorker`) and takes
+Each process loads the model and tracker once (a :class:`datagen.worker.ShardWorker`, made on
+its first shard so that a failure to make it is that shard's error, with its reason) and takes
 whole shards; every shard is written by the worker exactly as the in-process executor writes
 it, so the shards and the manifest are byte-identical to a local build (the manifest is
 written by the driver from the shards' results, in shard order). Progress counts samples as
 the workers finish them; worker log lines go to the build's ``build.log``.
+
+When a worker process dies, Python's pool breaks and stops every other worker too, so which
+shard killed it is unknown: the shards that were in flight are not charged an attempt but
+re-run one at a time, alone in a fresh one-process pool, where a death is that shard's own.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -25,14 +31,16 @@ from datagen.quiet import quiet_libraries
 from datagen.worker import ShardResult, ShardWorker
 
 log = logging.getLogger("datagen.build")
+_CFG: BuildConfig | None = None
 _WORKER: ShardWorker | None = None
 _DONE: Any = None
 
 
 def _start(cfg: BuildConfig, log_path: str, done: Any, threads: int) -> None:
-    """Process initializer: the worker (model loaded on its first shard), the log, and the
-    driver's torch thread count (CPU float results depend on it: same count, same bytes)."""
-    global _WORKER, _DONE
+    """Process initializer: the log, quiet libraries, and the driver's torch thread count
+    (CPU float results depend on it: same count, same bytes). Nothing here can fail on the
+    model: the worker is made by the first shard."""
+    global _CFG, _DONE
     import torch
 
     torch.set_num_threads(threads)
@@ -41,12 +49,14 @@ def _start(cfg: BuildConfig, log_path: str, done: Any, threads: int) -> None:
     logging.getLogger("datagen").addHandler(handler)
     logging.getLogger("datagen").setLevel(logging.INFO)
     quiet_libraries()
-    _WORKER = ShardWorker(cfg)
-    _DONE = done
+    _CFG, _DONE = cfg, done
 
 
 def _run(task: ShardTask, out: str) -> ShardResult:
-    assert _WORKER is not None
+    global _WORKER
+    if _WORKER is None:
+        assert _CFG is not None
+        _WORKER = ShardWorker(_CFG)
     return _WORKER.run(task, Path(out), on_sample=lambda n: _DONE.put((task.index, n)))
 
 
@@ -54,13 +64,15 @@ DIED = "worker process died (killed, out of memory or crashed)"
 
 
 class ProcessExecutor:
-    """Shards in ``workers`` spawned processes. A shard whose attempt raises is resubmitted;
-    when a worker process dies the pool is broken, so every shard in flight gets another
-    attempt in a fresh pool; after ``max_retries`` retries a shard is a failure."""
+    """Shards in ``workers`` spawned processes, one shard a worker in flight. A shard whose
+    attempt raises is resubmitted; the shards in flight when a worker dies are re-run alone
+    (see the module docstring); after ``max_retries`` retries a shard is a failure."""
 
     def __init__(self, workers: int, max_retries: int = DEFAULT_RETRIES):
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
         self.workers = workers
         self.max_retries = max_retries
 
@@ -69,80 +81,102 @@ class ProcessExecutor:
     ) -> list[ShardResult | ShardFailure]:
         if not tasks:
             return []
-        ctx = multiprocessing.get_context("spawn")
-        threads = torch_threads()
-        bar = progress_bar(sum(len(t.units) for t in tasks), progress)
-        counted: dict[int, int] = {t.index: 0 for t in tasks}
-        attempts: dict[int, int] = {t.index: 0 for t in tasks}
-        results: dict[int, ShardResult | ShardFailure] = {}
-        todo = list(tasks)
-
-        # A queue per pool: a worker killed while writing to a queue leaves its lock held,
-        # and every later writer would block on it.
-        done = ctx.Queue()
-
-        def drain() -> None:
-            while True:
-                try:
-                    index, n = done.get_nowait()
-                except queue.Empty:
-                    return
-                counted[index] += n
-                bar.update(n)
-
-        def failed(task: ShardTask, reason: str) -> None:
-            drain()
-            lost = counted[task.index]
-            bar.update(-lost)
-            counted[task.index] = 0
-            log.warning(
-                "shard %d attempt %d failed after %d samples: %s",
-                task.index,
-                attempts[task.index],
-                lost,
-                reason,
-            )
-            if attempts[task.index] > self.max_retries:
-                results[task.index] = ShardFailure(task, reason, attempts[task.index])
-            else:
-                todo.append(task)
-
+        self.cfg, self.out, self.ctx = cfg, out, multiprocessing.get_context("spawn")
+        self.bar = progress_bar(sum(len(t.units) for t in tasks), progress)
+        self.counted = {t.index: 0 for t in tasks}
+        self.attempts = {t.index: 0 for t in tasks}
+        self.results: dict[int, ShardResult | ShardFailure] = {}
+        todo, suspects = list(tasks), []
         try:
-            while todo:
-                drain()
-                done = ctx.Queue()
-                with ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=ctx,
-                    initializer=_start,
-                    initargs=(cfg, str(out / "build.log"), done, threads),
-                ) as pool:
-                    # At most one shard a worker in flight, so a dying worker costs only the
-                    # shards that were running, not the queued ones.
-                    pending: dict[Future, ShardTask] = {}
-                    broken = False
-                    while True:
-                        while todo and not broken and len(pending) < self.workers:
-                            task = todo.pop(0)
-                            attempts[task.index] += 1
-                            pending[pool.submit(_run, task, str(out))] = task
-                        if not pending:
-                            break
-                        finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                        drain()
-                        for fut in finished:
-                            task = pending.pop(fut)
-                            try:
-                                results[task.index] = fut.result()
-                            except BrokenProcessPool:
-                                broken = True  # this pool is done; the rest go to a new one
-                                failed(task, DIED)
-                            except Exception as exc:
-                                stop = fatal(exc, out)
-                                if stop is not None:
-                                    raise stop from None
-                                failed(task, reason_of(exc))
-                drain()
+            while todo or suspects:
+                if suspects:  # alone, so that a death is this shard's own
+                    suspects += self._pool([suspects.pop(0)], 1, todo, alone=True)
+                else:
+                    suspects += self._pool(todo, self.workers, todo, alone=False)
         finally:
-            bar.close()
-        return [results[t.index] for t in tasks]
+            self.bar.close()
+        return [self.results[t.index] for t in tasks]
+
+    def _pool(
+        self, queue_: list[ShardTask], size: int, retry: list[ShardTask], alone: bool
+    ) -> list[ShardTask]:
+        """Run ``queue_`` (taken from) in one pool of ``size`` processes; failed attempts go
+        back to ``retry``. Returns the shards that were in flight when the pool broke."""
+        done = self.ctx.Queue()  # a queue a pool: a killed writer can leave its lock held
+        pool = ProcessPoolExecutor(
+            max_workers=size,
+            mp_context=self.ctx,
+            initializer=_start,
+            initargs=(self.cfg, str(self.out / "build.log"), done, torch_threads()),
+        )
+        pending: dict[Future, ShardTask] = {}
+        broken: list[ShardTask] = []
+        stop: BaseException | None = None
+        try:
+            while stop is None:
+                while queue_ and not broken and len(pending) < size:
+                    task = queue_.pop(0)
+                    self.attempts[task.index] += 1
+                    pending[pool.submit(_run, task, str(self.out))] = task
+                if not pending:
+                    break
+                finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                self._drain(done)
+                for fut in finished:
+                    task = pending.pop(fut)
+                    try:
+                        self.results[task.index] = fut.result()
+                    except BrokenProcessPool:
+                        if alone:
+                            self._failed(task, DIED, retry_to=broken)
+                        else:  # not known to be this shard's fault: not charged
+                            if not broken:
+                                log.warning(
+                                    "a worker process died (killed, out of memory or crashed) "
+                                    "with shards in flight; re-running each of them alone"
+                                )
+                            self.attempts[task.index] -= 1
+                            self._undo(task)
+                            broken.append(task)
+                    except Exception as exc:
+                        stop = fatal(exc, self.out)
+                        if stop is None:
+                            self._failed(task, reason_of(exc), retry_to=retry)
+        finally:
+            # After a fatal error the shards in flight end on their own (a full disk fails
+            # them fast); the queue is drained meanwhile, so no worker blocks on a full pipe.
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            while any(p.is_alive() for p in procs):
+                self._drain(done)
+                time.sleep(0.05)
+            self._drain(done)
+            done.close()
+            done.join_thread()
+        if stop is not None:
+            raise stop from None
+        return broken
+
+    def _drain(self, done: Any) -> None:
+        while True:
+            try:
+                index, n = done.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                return
+            self.counted[index] += n
+            self.bar.update(n)
+
+    def _undo(self, task: ShardTask) -> int:
+        """Take a failed attempt's samples off the progress bar; how many it had done."""
+        self.bar.update(-self.counted[task.index])
+        lost, self.counted[task.index] = self.counted[task.index], 0
+        return lost
+
+    def _failed(self, task: ShardTask, reason: str, retry_to: list[ShardTask]) -> None:
+        lost = self._undo(task)
+        n = self.attempts[task.index]
+        log.warning("shard %d attempt %d failed after %s samples: %s", task.index, n, lost, reason)
+        if n > self.max_retries:
+            self.results[task.index] = ShardFailure(task, reason, n)
+        else:
+            retry_to.append(task)

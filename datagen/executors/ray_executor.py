@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from datagen.config import BuildConfig
 from datagen.errors import UserError
 from datagen.executors.base import DEFAULT_RETRIES, ShardFailure, fatal, reason_of, torch_threads
 from datagen.executors.local import progress_bar
+from datagen.faults import failpoint
 from datagen.plan import ShardTask
 from datagen.quiet import quiet_libraries
 from datagen.worker import ShardResult, ShardWorker
@@ -43,6 +46,7 @@ class _ShardActor:
         logging.getLogger("datagen").addHandler(handler)
         logging.getLogger("datagen").setLevel(logging.INFO)
         quiet_libraries()
+        failpoint("worker-start", 0)
         self.worker = ShardWorker(cfg)
         self.progress = progress
 
@@ -51,6 +55,20 @@ class _ShardActor:
             self.progress.put_nowait((task.index, n))
 
         return self.worker.run(task, Path(out), on_sample=done)
+
+
+def _actor_reason(exc: BaseException) -> str:
+    """Why an actor cannot start: the error its constructor raised (Ray wraps it in the
+    text of an ActorDiedError), else the Ray error itself."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return reason_of(cause)
+    for line in reversed(str(exc).splitlines()):
+        m = re.match(r"^\s*([\w.]+(?:Error|Exception)): (.+)$", line)
+        name = m.group(1).rsplit(".", 1)[-1] if m else ""
+        if m and name not in ("ActorDiedError", "RayActorError"):
+            return f"{name}: {m.group(2)}"
+    return reason_of(exc)
 
 
 def _env_vars() -> dict[str, str]:
@@ -67,6 +85,8 @@ class RayExecutor:
         max_retries: int = DEFAULT_RETRIES,
         num_cpus: int | None = None,
     ):
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
         self.address = address
         self.actors = actors
         self.max_retries = max_retries
@@ -85,7 +105,6 @@ class RayExecutor:
             raise UserError(
                 "--executor ray needs Ray: pip install -e '.[ray]' (or pip install 'ray[data]')"
             ) from None
-        import time
 
         t0 = time.perf_counter()
         started = not ray.is_initialized()
@@ -113,12 +132,20 @@ class RayExecutor:
     def _run(
         self, ray: Any, cfg: BuildConfig, tasks: list[ShardTask], out: Path, progress: bool
     ) -> list[ShardResult | ShardFailure]:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError, RayTaskError
         from ray.util.queue import Empty, Queue
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
         use_gpu = gpus > 0 and cfg.model.device != "cpu"
-        n = self.actors or max(1, gpus if use_gpu else 1)
+        room = gpus if use_gpu else int(resources.get("CPU", 0))
+        if room < 1:
+            raise UserError("the Ray cluster has no CPU or GPU to run an actor on")
+        n = self.actors or (gpus if use_gpu else 1)
+        if n > room:
+            # Actors that can never be placed would hold their shards forever.
+            log.warning("--ray-actors %d: the cluster has room for %d; using %d", n, room, room)
+            n = room
         n = min(n, len(tasks))
         queue = Queue(actor_options={"num_cpus": 0})
         actor_cls = ray.remote(
@@ -138,6 +165,9 @@ class RayExecutor:
         results: dict[int, ShardResult | ShardFailure] = {}
         todo = list(tasks)
         inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        # An actor gets work only once it is up: after it starts, and after every restart.
+        waiting: dict[Any, Any] = {a.__ray_ready__.remote(): a for a in actors}
+        gone: list[str] = []
 
         def drain() -> None:
             while True:
@@ -148,49 +178,66 @@ class RayExecutor:
                 counted[index] += k
                 bar.update(k)
 
-        def submit(actor: Any) -> None:
-            if todo:
-                task = todo.pop(0)
-                attempts[task.index] += 1
-                inflight[actor.run.remote(task, str(out))] = (actor, task)
-
         def failed(task: ShardTask, reason: str) -> None:
             drain()
             lost = counted[task.index]
             bar.update(-lost)
             counted[task.index] = 0
-            log.warning(
-                "shard %d attempt %d failed after %d samples: %s",
-                task.index,
-                attempts[task.index],
-                lost,
-                reason,
-            )
-            if attempts[task.index] > self.max_retries:
-                results[task.index] = ShardFailure(task, reason, attempts[task.index])
+            n_ = attempts[task.index]
+            log.warning("shard %d attempt %d failed after %d samples: %s", task.index, n_, lost,
+                        reason)  # fmt: skip
+            if n_ > self.max_retries:
+                results[task.index] = ShardFailure(task, reason, n_)
             else:
                 todo.append(task)
 
         try:
-            for actor in actors:
-                submit(actor)
-            while inflight:
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
+            while inflight or (todo and waiting):
+                refs = list(inflight) + list(waiting)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
                 drain()
                 for ref in ready:
+                    if ref in waiting:
+                        actor = waiting.pop(ref)
+                        try:
+                            ray.get(ref)
+                        except ActorUnavailableError:  # still restarting: ask again shortly
+                            time.sleep(0.1)
+                            waiting[actor.__ray_ready__.remote()] = actor
+                            continue
+                        except RayError as exc:  # cannot start (again): out of rotation
+                            gone.append(_actor_reason(exc))
+                            log.warning("a Ray actor cannot start: %s", gone[-1])
+                            continue
+                        if todo:
+                            task = todo.pop(0)
+                            attempts[task.index] += 1
+                            inflight[actor.run.remote(task, str(out))] = (actor, task)
+                        continue
                     actor, task = inflight.pop(ref)
                     try:
                         results[task.index] = ray.get(ref)
-                    except RayActorError:
-                        failed(task, DIED)
+                        waiting[actor.__ray_ready__.remote()] = actor
+                        continue
                     except RayTaskError as exc:
                         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                         stop = fatal(cause, out)
                         if stop is not None:
                             raise stop from None
                         failed(task, reason_of(cause))
-                    submit(actor)
+                    except (ActorDiedError, ActorUnavailableError):
+                        # Work goes only to actors that are up, so the actor died on this
+                        # shard (or its node went away) while running it.
+                        failed(task, DIED)
+                    except RayError as exc:  # the task's worker, node or object was lost
+                        failed(task, reason_of(exc))
+                    waiting[actor.__ray_ready__.remote()] = actor
             drain()
+            if todo and not waiting and not inflight:
+                raise UserError(
+                    f"no Ray actor can run shards ({gone[-1] if gone else 'none started'}); "
+                    f"{len(todo)} shard(s) not built: fix it and run the same command again"
+                )
         finally:
             bar.close()
             for actor in actors:
