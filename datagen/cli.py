@@ -166,6 +166,23 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from datagen.publish import publish
+
+    done = publish(args.release, args.to, dry_run=args.dry_run)
+    if args.dry_run:
+        for path in done["send"]:
+            print(f"would send {path}")
+        print(f"dry run: {len(done['send'])} to send, {len(done['skip'])} already there; "
+              "nothing sent")  # fmt: skip
+        return 0
+    print(
+        f"published {args.release} -> {args.to}: {len(done['send'])} sent, "
+        f"{len(done['skip'])} already there, {done['checked']} checked at the target"
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from datagen.inspection import default_png, find_sample, render_tracks, summary, write_png
 
@@ -347,6 +364,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="include the q/k feature shards (default) or not",
     )
     r.set_defaults(func=cmd_release)
+
+    pb = sub.add_parser("publish", help="copy a verified release to a file system URL")
+    pb.add_argument("release", type=Path)
+    pb.add_argument("--to", required=True, help="file://, s3://, gs:// ... (fsspec) URL")
+    pb.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    pb.set_defaults(func=cmd_publish)
 
     f = sub.add_parser("verify", help="check a release (or build) folder: sums, card, samples")
     f.add_argument("path", type=Path)

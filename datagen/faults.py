@@ -9,7 +9,8 @@ goes through. Failpoints, in the order a shard meets them: ``shard-start`` (befo
 sample), ``shard-sample`` (after each sample: during generation), ``shard-tar`` (before each
 tar is written), ``shard-renamed`` (tars in place, before the stats marker that commits the
 shard); ``manifest`` (shard 0: every shard committed, before the manifest is written); and
-``worker-start`` (shard 0: a Ray actor making its worker).
+``worker-start`` (shard 0: a Ray actor making its worker); ``publish-file`` (the Nth
+file a publish has sent; SHARD is N).
 """
 
 from __future__ import annotations
