@@ -23,7 +23,6 @@ a folder named REL is always complete.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from datagen.errors import UserError
 from datagen.index import index_name
 from datagen.prompts import bank_digest, load_prompts
 from datagen.sampleformat import json_bytes, json_value, npy_array, read_tar
-from datagen.shards import MANIFEST, atomic_write, stats_name
+from datagen.shards import MANIFEST, atomic_write, sha256_file, stats_name
 from datagen.summary import human_bytes
 
 SUMS = "SHA256SUMS"
@@ -47,17 +46,9 @@ LICENSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_sums(folder: Path) -> None:
     lines = [
-        f"{sha256_of(p)}  {p.relative_to(folder).as_posix()}"
+        f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != SUMS
     ]

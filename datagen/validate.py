@@ -11,6 +11,7 @@ of every shard, the member lists, the schema and the numeric checks of :mod:`dat
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from datagen.sampleformat import (
     read_tar,
 )
 from datagen.schemas import schema_errors
-from datagen.shards import MANIFEST, read_stats, sha256_file, stats_name
+from datagen.shards import MANIFEST, read_stats, stats_name
 
 
 def validate_dataset(
@@ -85,7 +86,8 @@ def validate_dataset(
         size = path.stat().st_size
         if size != entry["bytes"]:
             problems.append(f"{name}: {size} bytes, {MANIFEST} says {entry['bytes']}")
-        if sha256_file(path) != entry["sha256"]:
+        data = path.read_bytes()  # once, for its sha256 and its member index
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from {MANIFEST} (corrupt or replaced)")
         if kind not in members:
             problems.append(f"{name}: kind {kind} has no member list in {MANIFEST}")
@@ -118,7 +120,7 @@ def validate_dataset(
         except OSError as exc:
             problems.append(f"{name}: unreadable tar ({exc})")
             continue
-        problems += _check_index(path, entry)
+        problems += _check_index(path, data, entry)
         problems += _check_marker(folder, entry, keys, fp)
         if len(keys) != entry["samples"]:
             problems.append(f"{name}: {len(keys)} samples, {MANIFEST} says {entry['samples']}")
@@ -134,13 +136,13 @@ def validate_dataset(
     return problems, checked
 
 
-def _check_index(path: Path, entry: dict[str, Any]) -> list[str]:
+def _check_index(path: Path, data: bytes, entry: dict[str, Any]) -> list[str]:
     """The member index beside a shard must be the one its bytes give (the loader trusts
     offsets and checksums it finds there)."""
     idx = path.with_name(index_name(path.name))
     if not idx.is_file():
         return [f"{idx.name}: missing (every committed shard has its member index)"]
-    want = build_index(path.read_bytes(), path.name, entry["sha256"]).to_bytes()
+    want = build_index(data, path.name, entry["sha256"]).to_bytes()
     if idx.read_bytes() != want:
         return [
             f"{idx.name}: differs from the index of {path.name} (edited, or from another "

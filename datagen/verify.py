@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import UserError
-from datagen.release import CARD, SUMS, sha256_of
+from datagen.release import CARD, SUMS
 from datagen.sampleformat import json_value
-from datagen.shards import MANIFEST
+from datagen.shards import MANIFEST, sha256_file
 
 
 def is_release(path: Path) -> bool:
@@ -53,7 +53,7 @@ def check_sums(folder: Path) -> list[str]:
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel}: listed in {SUMS} but missing")
-        elif sha256_of(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{rel}: sha256 differs from {SUMS} (changed after release)")
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
@@ -95,7 +95,7 @@ def quick_data(data: Path, manifest: dict[str, Any]) -> list[str]:
         path = data / s["path"]
         if not path.is_file():
             problems.append(f"{s['path']}: listed in {MANIFEST} but missing")
-        elif path.stat().st_size != s["bytes"] or sha256_of(path) != s["sha256"]:
+        elif path.stat().st_size != s["bytes"] or sha256_file(path) != s["sha256"]:
             problems.append(f"{s['path']}: sha256 or size differs from {MANIFEST}")
     counted = sum(s["samples"] for s in manifest["shards"] if s["kind"] == "core")
     if counted != manifest["totals"]["samples"]:

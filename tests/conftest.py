@@ -33,3 +33,14 @@ def load_script(name: str):
     sys.modules[name] = module  # dataclasses of the script look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def digests(out: Path) -> dict[str, str]:
+    """sha256 of every file a build wrote (its log aside): equal dicts, byte-identical builds."""
+    import hashlib
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.iterdir())
+        if p.name != "build.log"
+    }

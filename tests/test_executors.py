@@ -1,17 +1,9 @@
 """Executors run the same shard tasks: local worker processes (``--workers N``) write shards
 and a manifest byte-identical to the in-process build."""
 
-import hashlib
-
 import pytest
 
-
-def _digests(out):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.iterdir())
-        if p.name != "build.log"
-    }
+from tests.conftest import digests
 
 
 @pytest.fixture
@@ -29,7 +21,7 @@ def test_worker_processes_write_what_the_local_build_writes(run_cli, tmp_path, b
     code, text, err = run_cli("build", "--out", tmp_path / "procs", "--workers", "2", *common)
     assert code == 0, err
     assert "done: 5 samples written in 3 shards" in text
-    local, procs = _digests(tmp_path / "local"), _digests(tmp_path / "procs")
+    local, procs = digests(tmp_path / "local"), digests(tmp_path / "procs")
     assert sorted(local) == sorted(procs) and "manifest.json" in local
     assert local == procs
     code, _, _ = run_cli("validate", tmp_path / "procs")
@@ -49,7 +41,7 @@ def test_resume_with_another_executor_ends_identical(run_cli, tmp_path, bank):
     code, text, err = run_cli("build", "--out", out, "--workers", "2", *common)
     assert code == 0, err
     assert "(1 kept from an earlier run)" in text
-    assert _digests(out) == _digests(tmp_path / "ref")
+    assert digests(out) == digests(tmp_path / "ref")
 
 
 def test_workers_must_be_positive(run_cli, tmp_path, bank):

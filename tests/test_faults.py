@@ -5,7 +5,6 @@ each stage boundary ends, after a rerun, byte-identical to an uninterrupted buil
 Faults are injected with failpoints (``datagen.faults``, ``DATAGEN_FAILPOINTS``), which worker
 processes inherit; killed builds run as real subprocesses and die by SIGKILL."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,20 +15,12 @@ import sys
 import pytest
 
 from datagen.faults import ENV
-from tests.conftest import ROOT
+from tests.conftest import ROOT, digests
 
 PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
 # 5 samples in 3 shards (2, 2, 1).
 SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
             "--set", "generation.batch_size=2"]  # fmt: skip
-
-
-def _digests(out):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.iterdir())
-        if p.name != "build.log"
-    }
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def reference(tmp_path_factory):
     out = root / "ref"
     cli = [sys.executable, "-m", "datagen.cli", "build", "--prompts", str(bank)]
     subprocess.run([*cli, "--out", str(out), *SETTINGS], check=True, cwd=ROOT)
-    return bank, _digests(out)
+    return bank, digests(out)
 
 
 def _build(bank, out, *extra, failpoints=None):
@@ -73,7 +64,7 @@ def test_a_shard_that_always_raises_is_a_named_failure_and_a_rerun_builds_it(ref
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
     assert "(2 kept from an earlier run)" in run.stdout
-    assert _digests(out) == ref
+    assert digests(out) == ref
 
 
 def test_a_worker_process_killed_mid_shard_is_retried(reference, tmp_path):
@@ -84,7 +75,7 @@ def test_a_worker_process_killed_mid_shard_is_retried(reference, tmp_path):
     assert run.returncode == 0, run.stderr
     assert once.exists(), "the fault fired"
     assert "worker process died" in (out / "build.log").read_text()
-    assert _digests(out) == ref
+    assert digests(out) == ref
 
 
 @pytest.mark.parametrize(
@@ -99,7 +90,7 @@ def test_a_build_killed_at_each_stage_boundary_resumes_byte_identical(reference,
     assert not (out / "manifest.json").exists()
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
-    assert _digests(out) == ref
+    assert digests(out) == ref
     keys = [k for s in json.loads((out / "manifest.json").read_text())["shards"] for k in [s]]
     assert (
         sum(s["samples"] for s in keys if s["kind"] == "core")
@@ -122,7 +113,7 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes(reference, tmp_path
     assert "attempt 2" not in (out / "build.log").read_text(), "a full disk is not retried"
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
-    assert _digests(out) == ref
+    assert digests(out) == ref
 
 
 @pytest.fixture
@@ -167,7 +158,7 @@ def test_a_real_full_disk_mid_build_stops_in_one_line_and_resumes(reference, sma
     assert shutil.disk_usage(small_disk).free < 5 * one, "not room for the whole dataset"
     run = _build(bank, out)
     assert run.returncode == 0, run.stderr
-    assert _digests(out) == ref
+    assert digests(out) == ref
 
 
 def test_a_dying_worker_charges_only_its_own_shard(reference, tmp_path):
@@ -179,7 +170,7 @@ def test_a_dying_worker_charges_only_its_own_shard(reference, tmp_path):
     run = _build(bank, out, "--workers", "2", "--max-retries", "0",
                  failpoints=f"shard-sample:0:kill:{once}")  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert once.exists() and _digests(out) == ref
+    assert once.exists() and digests(out) == ref
     out = tmp_path / "always"
     run = _build(bank, out, "--workers", "2", "--max-retries", "1",
                  failpoints="shard-sample:1:kill")  # fmt: skip

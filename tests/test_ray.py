@@ -1,7 +1,6 @@
 """The build on Ray (a local cluster started by the executor): byte-identical to the local
 build, an actor killed mid-shard is retried, a shard that always fails is a named failure."""
 
-import hashlib
 import json
 
 import pytest
@@ -11,18 +10,11 @@ ray = pytest.importorskip(
 )
 
 from datagen.faults import ENV  # noqa: E402
+from tests.conftest import digests  # noqa: E402
 
 PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
 SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
             "--set", "generation.batch_size=2"]  # fmt: skip
-
-
-def _digests(out):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.iterdir())
-        if p.name != "build.log"
-    }
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,7 @@ def reference(tmp_path_factory):
     bank = root / "bank.txt"
     bank.write_text(PROMPTS)
     assert main(["build", "--prompts", str(bank), "--out", str(root / "ref"), *SETTINGS]) == 0
-    return bank, _digests(root / "ref")
+    return bank, digests(root / "ref")
 
 
 def test_ray_build_is_byte_identical_and_survives_an_actor_killed_mid_shard(
@@ -50,7 +42,7 @@ def test_ray_build_is_byte_identical_and_survives_an_actor_killed_mid_shard(
     assert code == 0, err
     assert once.exists(), "the fault fired: an actor died mid-shard"
     assert "worker actor died" in (out / "build.log").read_text()
-    assert _digests(out) == ref
+    assert digests(out) == ref
     assert not ray.is_initialized(), "the cluster it started is shut down"
 
 
@@ -74,7 +66,7 @@ def test_ray_shard_that_always_fails_is_named_and_a_rerun_with_another_executor_
     monkeypatch.delenv(ENV)
     code, text, err = run_cli("build", "--prompts", bank, "--out", out, *SETTINGS)
     assert code == 0, err
-    assert _digests(out) == ref
+    assert digests(out) == ref
 
 
 def test_ray_options_need_the_ray_executor(run_cli, tmp_path):
@@ -105,7 +97,7 @@ def test_more_actors_than_the_cluster_holds_does_not_hang(reference, tmp_path):
     bank, ref = reference
     run = _ray_build(bank, tmp_path / "ds", "--ray-actors", "8")
     assert run.returncode == 0, run.stderr
-    assert _digests(tmp_path / "ds") == ref
+    assert digests(tmp_path / "ds") == ref
     assert "the cluster has room for" in (tmp_path / "ds" / "build.log").read_text()
 
 

@@ -31,6 +31,7 @@ from datagen.sampleformat import (
     TruncatedShardError,
     iter_samples,
 )
+from datagen.shards import sha256_file
 
 log = logging.getLogger("datagen.data")
 
@@ -82,14 +83,6 @@ class _LocalTar:
         return out
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _index_ok(idx: TarIndex, loc: str, sha256: str | None) -> bool:
     name = loc.rstrip("/").rsplit("/", 1)[-1]
     foreign = sha256 is not None and idx.sha256 not in (None, sha256)
@@ -97,7 +90,7 @@ def _index_ok(idx: TarIndex, loc: str, sha256: str | None) -> bool:
         foreign
         and not _is_url(loc)
         and os.path.getsize(_local(loc)) == idx.bytes
-        and _file_sha256(_local(loc)) != sha256  # (sizes alone often agree: 10 KiB blocks)
+        and sha256_file(_local(loc)) != sha256  # (sizes alone often agree: 10 KiB blocks)
     ):
         # The index describes the file on disk, and both are another shard than the one the
         # manifest lists: reading on would return another build's samples.
