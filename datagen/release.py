@@ -10,8 +10,12 @@ REL/
   prompts/FILE       the prompt bank used (checked against the manifest's bank digest)
   schemas/           the JSON schemas of the sample metadata and the manifest
   stats/categories.json, stats/categories.csv   per prompt category: samples, visible
-                     fraction, motion, QC verdicts
-  data/manifest.json the build's manifest (features shards left out with --no-features)
+                     fraction, motion, QC verdicts; stats/categories.png, stats/samples.png;
+                     stats/calibration.json (the tracker's `datagen calibrate` report, when
+                     given with --calibration)
+  croissant.json     Croissant 1.0 metadata (datagen.croissant)
+  data/manifest.json the build's manifest (features shards left out with --no-features; with
+                     --extends, every version's shards and their builds under ``parts``)
   data/core-NNNNNN.tar (+ .idx.json), data/features-*, data/rejected-*, and the shards'
                      stats markers (data/shard-NNNNNN.stats.json)
 ```
@@ -22,8 +26,6 @@ a folder named REL is always complete.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -32,27 +34,19 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from datagen.card import CARD, card_text
+from datagen.croissant import CROISSANT, croissant_doc
 from datagen.errors import UserError
-from datagen.index import index_name
+from datagen.extend import copy_earlier, copy_shard, merge_manifests, read_earlier
 from datagen.prompts import bank_digest, load_prompts
-from datagen.sampleformat import json_bytes, json_value, npy_array, read_tar
-from datagen.shards import MANIFEST, atomic_write, sha256_file, stats_name
-from datagen.summary import human_bytes
+from datagen.releasestats import sample_rows, write_stats
+from datagen.sampleformat import json_bytes, json_value
+from datagen.shards import MANIFEST, atomic_write
+from datagen.verify import write_sums
 
-SUMS = "SHA256SUMS"
-CARD = "README.md"
 VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 LICENSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-def write_sums(folder: Path) -> None:
-    lines = [
-        f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != SUMS
-    ]
-    (folder / SUMS).write_text("\n".join(lines) + "\n")
 
 
 def release_manifest(manifest: dict[str, Any], features: bool) -> dict[str, Any]:
@@ -66,181 +60,7 @@ def release_manifest(manifest: dict[str, Any], features: bool) -> dict[str, Any]
     return out
 
 
-def category_stats(data: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per prompt category: samples written, mean visible fraction, median track motion
-    (px over the video), QC accepted / rejected among the written samples."""
-    rows: dict[str, dict[str, Any]] = {}
-    for entry in manifest["shards"]:
-        if entry["kind"] != "core":
-            continue
-        for _key, raw in read_tar(data / entry["path"]):
-            meta = json_value(raw["json"])
-            cat = meta["prompt"].get("category") or "(none)"
-            r = rows.setdefault(cat, {"category": cat, "samples": 0, "visible": [], "qc": {}})
-            r["samples"] += 1
-            r["visible"].append(meta["labels"]["visible_fraction"])
-            verdict = (meta.get("qc") or {}).get("verdict", "none")
-            r["qc"][verdict] = r["qc"].get(verdict, 0) + 1
-            r.setdefault("motion", []).append(_motion(raw))
-    out = []
-    for cat in sorted(rows):
-        r = rows[cat]
-        vis = r.pop("visible")
-        motion = [m for m in r.pop("motion", []) if m is not None]
-        r["visible_fraction"] = round(sum(vis) / len(vis), 4)
-        r["motion_median"] = round(sorted(motion)[len(motion) // 2], 3) if motion else None
-        out.append(r)
-    return out
-
-
-def _motion(raw: dict[str, bytes]) -> float | None:
-    """Median over a sample's tracks of the farthest a visible point gets from where it
-    was first seen (px)."""
-    import numpy as np
-
-    tracks, visible = npy_array(raw["tracks.npy"]), npy_array(raw["visible.npy"])
-    moves = []
-    for xy, vis in zip(tracks, visible, strict=True):
-        seen = xy[vis.astype(bool)]
-        if len(seen) > 1:
-            moves.append(float(np.linalg.norm(seen - seen[0], axis=1).max()))
-    return float(np.median(moves)) if moves else None
-
-
-def card_text(
-    name: str,
-    version: str,
-    license_id: str,
-    manifest: dict[str, Any],
-    stats: list[dict[str, Any]],
-    features: bool,
-    prompts_file: str | None,
-) -> str:
-    import yaml
-
-    cfg = manifest["config"]
-    totals = manifest["totals"]
-    core = [s for s in manifest["shards"] if s["kind"] == "core"]
-    n = totals["samples"]
-    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10000 else "10K<n<100K"
-    configs = [
-        {
-            "config_name": "core",
-            "default": True,
-            "data_files": [{"split": "train", "path": "data/core-*.tar"}],
-        }
-    ]
-    if features:
-        configs.append(
-            {
-                "config_name": "features",
-                "data_files": [{"split": "train", "path": "data/features-*.tar"}],
-            }
-        )
-    front = {
-        "license": license_id,
-        "pretty_name": name,
-        "task_categories": ["other"],
-        "size_categories": [size],
-        "tags": ["video", "point-tracking", "diffusion-transformers", "attention", "webdataset"],
-        "configs": configs,
-        "datagen": {
-            "name": name,
-            "version": version,
-            "config_fingerprint": manifest["config_fingerprint"],
-            "samples": n,
-            "core_shards": len(core),
-            "features": features,
-        },
-    }
-    m, g, t, cap, qc = cfg["model"], cfg["generation"], cfg["tracker"], cfg["capture"], cfg["qc"]
-    verdicts = manifest.get("qc") or {}
-    causes = ", ".join(f"{c['cause']} {c['samples']}" for c in verdicts.get("top_causes", []))
-    table = ["| category | samples | visible fraction | motion (px, median) | QC verdicts |"]
-    table.append("|---|---|---|---|---|")
-    for r in stats:
-        v = ", ".join(f"{k} {c}" for k, c in sorted(r["qc"].items()))
-        table.append(
-            f"| {r['category']} | {r['samples']} | {r['visible_fraction']:.3f} | "
-            f"{r['motion_median'] if r['motion_median'] is not None else '-'} | {v} |"
-        )
-    body = f"""
-# {name} {version}
-
-Videos generated by a video diffusion transformer, with the attention queries and keys
-captured while it generated them and pseudo ground-truth point tracks, made by
-`datagen` from a prompt bank. {n} samples in {len(core)} core shards
-({human_bytes(totals["bytes"])} in all).
-
-## How it was made
-
-- Model: family `{m["family"]}`, `{m["model_id"]}` ({m["dtype"]}); preset `{cfg["preset"]}`.
-- Generation: {g["num_frames"]} frames at {g["height"]}x{g["width"]}, {g["num_inference_steps"]}
-  steps, guidance {g["guidance_scale"]}, {g["fps"]} fps, base seed {g["seed"]}.
-- Prompt bank: {manifest["prompt_bank"]["prompts"]} prompts (digest
-  `{manifest["prompt_bank"]["digest"]}`){
-        f", in `prompts/{prompts_file}`" if prompts_file else " (not included in this release)"
-    }.
-- Labels: tracker `{t["name"]}` (settings {json.dumps(t["settings"])}), queries `{t["queries"]}`.
-  Calibrate it against exact ground truth with `datagen calibrate`.
-- Quality control: {verdicts.get("checked", 0)} checked, {verdicts.get("accepted", 0)} accepted,
-  {verdicts.get("rejected", 0)} rejected (`qc.rejected={qc["rejected"]}`); main causes:
-  {causes or "none"}. {totals["failed"]} samples failed before QC.
-- Capture: q/k features of layers {cap["feature_layers"]} at steps {cap["feature_steps"]}
-  ({"included" if features else "not included in this release"}); correspondence of layers
-  {cap["corr_layers"]} at steps {cap["corr_steps"]} (in the core shards).
-- Software: {", ".join(f"{k} {v}" for k, v in sorted(manifest["software"].items()))}.
-- Config fingerprint `{manifest["config_fingerprint"]}`; the full config is `config.json`.
-
-## Statistics per prompt category
-
-{chr(10).join(table)}
-
-## Load it
-
-```python
-import datagen
-ds = datagen.open_dataset("data")                 # this folder's data/, or its URL
-
-import webdataset as wds
-it = wds.WebDataset("data/core-{{000000..{len(core) - 1:06d}}}.tar")
-
-import datasets
-core = datasets.load_dataset("PATH/TO/THIS/FOLDER", "core")   # needs torchcodec to decode mp4
-```
-
-Check it with `datagen verify .` (every checksum, sample and count).
-
-## Known limitations
-
-- Labels are pseudo ground truth from `{t["name"]}`, not human annotation; QC verdicts and
-  per-point confidence are in each sample.
-- Generated content reflects the model and the prompt bank, with their biases.
-
-## Citation
-
-```bibtex
-@misc{{{re.sub(r"[^A-Za-z0-9]", "", name)}{version.replace(".", "")},
-  title  = {{{name} {version}}},
-  note   = {{Generated with datagen, config {manifest["config_fingerprint"]}}},
-  year   = {{{date.today().year}}}
-}}
-```
-"""
-    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body
-
-
-def make_release(
-    build: Path,
-    out: Path,
-    name: str,
-    version: str,
-    license_id: str,
-    features: bool = True,
-    prompts: Path | None = None,
-) -> dict[str, Any]:
-    from datagen.validate import validate_dataset
-
+def _check_args(name: str, version: str, license_id: str, out: Path) -> None:
     if not NAME.match(name):
         raise UserError(f"--name {name!r}: letters, digits, '.', '_' and '-' only")
     if not VERSION.match(version):
@@ -249,6 +69,83 @@ def make_release(
         raise UserError(f"--license {license_id!r}: give an SPDX id, e.g. cc-by-4.0")
     if out.exists():
         raise UserError(f"{out} exists; releases are never overwritten: choose another --out")
+
+
+def _used_tracker(build: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The tracker name and full settings (defaults included) the build's samples record."""
+    from datagen.sampleformat import read_tar
+
+    for s in manifest["shards"]:
+        if s["kind"] == "core":
+            for _key, raw in read_tar(build / s["path"]):
+                return json_value(raw["json"])["tracker"]
+    return manifest["config"]["tracker"]
+
+
+def _calibration(path: Path | None, build: Path, manifest: dict[str, Any]) -> dict | None:
+    """A `datagen calibrate --json` report of the build's tracker (its name and settings)."""
+    if path is None:
+        return None
+    tracker = _used_tracker(build, manifest)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--calibration {path}: not a readable JSON report ({exc})") from None
+    sets = report.get("sets") if isinstance(report, dict) else None
+    sets = sets if isinstance(sets, dict) else {"synthetic": report}
+    for set_name, r in sets.items():
+        if not isinstance(r, dict) or not {"tracker", "settings", "all", "kept"} <= set(r):
+            raise UserError(f"--calibration {path}: not a datagen calibrate --json report")
+        ours, theirs = tracker["settings"], r["settings"]
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if r["tracker"] != tracker["name"] or differ:
+            what = ", ".join(f"{k} {theirs.get(k)} (the build: {ours.get(k)})" for k in differ)
+            raise UserError(
+                f"--calibration {path}: set {set_name} scored tracker {r['tracker']}"
+                f"{' with ' + what if differ else ''}, the build used {tracker['name']}; "
+                "calibrate the build's tracker and settings (datagen calibrate --tracker NAME "
+                "--set tracker.KEY=VALUE --json FILE)"
+            )
+    return report
+
+
+def _copy_prompts(prompts: Path, dst: Path, version: str) -> str:
+    """Copies the bank into ``dst``; returns its name there (a clash gets a version prefix)."""
+    dst.mkdir(exist_ok=True)
+    if prompts.is_file():
+        target = prompts.name if not (dst / prompts.name).exists() else f"{version}-{prompts.name}"
+        shutil.copy2(prompts, dst / target)
+        return target
+    target = "" if not any(dst.iterdir()) else version
+    (dst / target).mkdir(exist_ok=True)
+    for f in sorted(p for p in prompts.iterdir() if p.is_file()):
+        shutil.copy2(f, dst / target / f.name)
+    return target
+
+
+def make_release(
+    build: Path,
+    out: Path,
+    name: str | None,
+    version: str,
+    license_id: str | None,
+    features: bool = True,
+    prompts: Path | None = None,
+    calibration: Path | None = None,
+    extends: Path | None = None,
+) -> dict[str, Any]:
+    """Writes the release folder ``out`` (via ``out.partial``); with ``extends``, a release
+    holding the earlier release's shards and the build's, renumbered after them."""
+    from datagen.validate import validate_dataset
+
+    earlier = None
+    if extends is not None:
+        earlier = read_earlier(extends, version)
+        name = name or earlier["name"]
+        license_id = license_id or earlier["license"]
+    if name is None or license_id is None:
+        raise UserError("--name and --license are required (or --extends an earlier release)")
+    _check_args(name, version, license_id, out)
     problems, _ = validate_dataset(build)
     if problems:
         raise UserError(
@@ -264,47 +161,68 @@ def make_release(
                 f"--prompts {prompts}: not the bank this build used (digest "
                 f"{bank_digest(bank)}, the manifest has {manifest['prompt_bank']['digest']})"
             )
+    cal = _calibration(calibration, build, manifest)
+    rel = release_manifest(manifest, features)
+    renames = {s["path"]: s["path"] for s in rel["shards"]}
+    if earlier is not None:
+        rel, renames = merge_manifests(earlier, rel, build, version)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write(tmp, build, manifest, rel, renames, earlier, name, version, license_id,
+               features, prompts, cal)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    os.replace(tmp, out)
+    return {"out": out, "samples": rel["totals"]["samples"], "shards": rel["totals"]["shards"],
+            "name": name, "version": version}  # fmt: skip
+
+
+def _write(tmp, build, manifest, rel, renames, earlier, name, version, license_id, features,
+           prompts, cal) -> None:  # fmt: skip
     data = tmp / "data"
-    data.mkdir(parents=True)
-    rel = release_manifest(manifest, features)
-    for s in rel["shards"]:
-        for name_ in (s["path"], index_name(s["path"]), stats_name(s["index"])):
-            shutil.copy2(build / name_, data / name_)
+    prompts_file = None
+    if earlier is not None:
+        copy_earlier(earlier, tmp)
+    data.mkdir(parents=True, exist_ok=True)
+    for s in release_manifest(manifest, features)["shards"]:
+        copy_shard(build, data, s, renames[s["path"]])
     atomic_write(data / MANIFEST, json_bytes(rel))
     atomic_write(tmp / "config.json", json_bytes(manifest["config"]))
-    (tmp / "schemas").mkdir()
+    (tmp / "schemas").mkdir(exist_ok=True)
     for schema in sorted((Path(__file__).parent / "schemas").glob("*.json")):
         shutil.copy2(schema, tmp / "schemas" / schema.name)
-    prompts_file = None
     if prompts is not None:
-        (tmp / "prompts").mkdir()
-        files = (
-            [prompts] if prompts.is_file() else sorted(p for p in prompts.iterdir() if p.is_file())
-        )
-        for f in files:
-            shutil.copy2(f, tmp / "prompts" / f.name)
-        prompts_file = prompts.name if prompts.is_file() else ""
-    stats = category_stats(data, rel)
-    (tmp / "stats").mkdir()
-    atomic_write(tmp / "stats" / "categories.json", json_bytes(stats))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["category", "samples", "visible_fraction", "motion_median", "qc"])
-    for r in stats:
-        w.writerow([r["category"], r["samples"], r["visible_fraction"], r["motion_median"],
-                    json.dumps(r["qc"], sort_keys=True)])  # fmt: skip
-    (tmp / "stats" / "categories.csv").write_text(buf.getvalue())
-    (tmp / "CHANGELOG.md").write_text(
-        f"# Changelog\n\n## {version} ({date.today().isoformat()})\n\nFirst release: "
-        f"{rel['totals']['samples']} samples in {rel['totals']['shards']} core shards from the "
-        f"build with config fingerprint `{manifest['config_fingerprint']}`"
-        f"{'' if features else ' (q/k features left out)'}.\n"
+        prompts_file = _copy_prompts(prompts, tmp / "prompts", version)
+    if cal is not None:
+        (tmp / "stats").mkdir()
+        atomic_write(tmp / "stats" / "calibration.json", json_bytes(cal))
+    stats = write_stats(tmp / "stats", sample_rows(data, rel))
+    today = date.today().isoformat()
+    what = (
+        f"{manifest['totals']['samples']} samples in {manifest['totals']['shards']} core shards "
+        f"from the build with config fingerprint `{manifest['config_fingerprint']}`"
+        f"{'' if features else ' (q/k features left out)'}"
     )
-    card = card_text(name, version, license_id, rel, stats, features, prompts_file)
+    if earlier is None:
+        log = f"# Changelog\n\n## {version} ({today})\n\nFirst release: {what}.\n"
+    else:
+        old = earlier["changelog"].split("\n", 2)[-1].lstrip("\n")
+        log = (
+            f"# Changelog\n\n## {version} ({today})\n\nExtends {earlier['version']} "
+            f"({earlier['samples']} samples) with {what}; {rel['totals']['samples']} samples "
+            f"in all. The earlier shards are unchanged.\n\n{old}"
+        )
+    (tmp / "CHANGELOG.md").write_text(log)
+    card = card_text(name, version, license_id, rel, stats, prompts_file, cal)
     (tmp / CARD).write_text(card)
+    doc = croissant_doc(
+        name, version, license_id, rel,
+        description=card.split("\n# ", 1)[1].split("\n\n", 2)[1].replace("\n", " "),
+        cite=card.split("```bibtex\n", 1)[1].split("\n```", 1)[0],
+        published=today,
+    )  # fmt: skip
+    (tmp / CROISSANT).write_text(json.dumps(doc, indent=1) + "\n")
     write_sums(tmp)
-    os.replace(tmp, out)
-    return {"out": out, "samples": rel["totals"]["samples"], "shards": rel["totals"]["shards"]}

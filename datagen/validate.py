@@ -65,6 +65,13 @@ def validate_dataset(
             f"{MANIFEST}: config_fingerprint {fp} is not the fingerprint of its config "
             f"({fingerprint_of(manifest['config'])}): edited"
         )
+    # an extended release (datagen.extend): each part's shards carry their own build's config
+    fp_of: dict[int, str] = {}
+    for part in manifest.get("parts") or []:
+        if fingerprint_of(part["config"]) != part["config_fingerprint"]:
+            problems.append(f"{MANIFEST}: part {part['version']}'s config_fingerprint is not the "
+                            "fingerprint of its config: edited")  # fmt: skip
+        fp_of.update(dict.fromkeys(part["shards"], part["config_fingerprint"]))
     listed = {s["path"] for s in manifest["shards"]}
     for pattern in ("core-*.tar", "features-*.tar", "rejected-*.tar"):
         for extra in sorted(p.name for p in folder.glob(pattern)):
@@ -77,6 +84,7 @@ def validate_dataset(
     qc_listed = {r["key"] for r in manifest["rejected"] if r["stage"] == "qc"}
     for entry in manifest["shards"]:
         name, kind = entry["path"], entry["kind"]
+        fp = fp_of.get(entry["index"], manifest["config_fingerprint"])
         if on_shard:
             on_shard(name)
         path = folder / name

@@ -1,7 +1,8 @@
 """`datagen verify PATH`: a release folder (SHA256SUMS, card, data/) or a build folder.
 
 A release: every file against SHA256SUMS (changed, missing, unlisted), the card's YAML front
-matter (parses; its counts and fingerprint equal the manifest's), then the data folder as
+matter (parses; its counts and fingerprint equal the manifest's), croissant.json (every shard
+described with the manifest's sha256 and size, nothing more), then the data folder as
 `datagen validate` checks it (every shard's sha256 and index, every sample against the schema,
 core/features key alignment, stats markers). A build folder: `validate`. ``quick``: checksums
 and counts only (no sample decoded).
@@ -12,10 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from datagen.card import CARD
+from datagen.croissant import CROISSANT, check_croissant
 from datagen.errors import UserError
-from datagen.release import CARD, SUMS
 from datagen.sampleformat import json_value
 from datagen.shards import MANIFEST, sha256_file
+
+SUMS = "SHA256SUMS"
+
+
+def write_sums(folder: Path) -> None:
+    """SHA256SUMS of every other file in ``folder`` ("<hex>  <path>", sorted)."""
+    lines = [
+        f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != SUMS
+    ]
+    (folder / SUMS).write_text("\n".join(lines) + "\n")
 
 
 def is_release(path: Path) -> bool:
@@ -87,6 +101,19 @@ def check_card(folder: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def check_croissant_file(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    import json
+
+    path = folder / CROISSANT
+    if not path.is_file():
+        return [f"{CROISSANT}: missing (every release describes its shards in Croissant)"]
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{CROISSANT}: not valid JSON ({exc})"]
+    return check_croissant(doc, manifest)
+
+
 def quick_data(data: Path, manifest: dict[str, Any]) -> list[str]:
     """Checksums and counts only: every shard's sha256 and size against the manifest, the
     core count against the totals."""
@@ -118,6 +145,7 @@ def verify(path: Path, quick: bool = False) -> tuple[list[str], str]:
         except ValueError as exc:
             return problems + [f"data/{MANIFEST}: {exc}"], "release"
         problems += check_card(path, manifest)
+        problems += check_croissant_file(path, manifest)
         if quick:
             problems += [f"data/{p}" for p in quick_data(data, manifest)]
         else:
