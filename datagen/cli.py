@@ -158,10 +158,12 @@ def cmd_release(args: argparse.Namespace) -> int:
         args.license,
         features=args.features,
         prompts=args.prompts,
+        calibration=args.calibration,
+        extends=args.extends,
     )
     print(
-        f"release {args.name} {args.version}: {made['samples']} samples in {made['shards']} core "
-        f"shards -> {made['out']} (check it with datagen verify {made['out']})"
+        f"release {made['name']} {args.version}: {made['samples']} samples in {made['shards']} "
+        f"core shards -> {made['out']} (check it with datagen verify {made['out']})"
     )
     return 0
 
@@ -169,17 +171,28 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from datagen.publish import publish
 
-    done = publish(args.release, args.to, dry_run=args.dry_run)
+    done = publish(
+        args.release, args.to, dry_run=args.dry_run, revision=args.revision, private=args.private
+    )
     if args.dry_run:
-        for path in done["send"]:
-            print(f"would send {path}")
+        for i, commit in enumerate(done.get("commits") or [done["send"]]):
+            where = f" (commit {i + 1} of {len(done['commits'])})" if "commits" in done else ""
+            for path in commit:
+                print(f"would send {path}{where}")
         print(f"dry run: {len(done['send'])} to send, {len(done['skip'])} already there; "
               "nothing sent")  # fmt: skip
         return 0
-    print(
-        f"published {args.release} -> {args.to}: {len(done['send'])} sent, "
-        f"{len(done['skip'])} already there, {done['checked']} checked at the target"
-    )
+    if "commits" in done:  # the Hub: upload_folder itself skips files already there
+        print(f"published {args.release} -> {args.to}: {len(done['send'])} files in 2 commits "
+              f"(data, then card and checksums), {done['checked']} checked on the Hub")  # fmt: skip
+    else:
+        print(
+            f"published {args.release} -> {args.to}: {len(done['send'])} sent, "
+            f"{len(done['skip'])} already there, {done['checked']} checked at the target"
+        )
+    if done.get("others"):
+        print(f"note: the target also holds {len(done['others'])} file(s) not in this release, "
+              f"e.g. {done['others'][0]}")  # fmt: skip
     return 0
 
 
@@ -352,9 +365,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("release", help="a versioned, carded, checksummed release folder")
     r.add_argument("dataset", type=Path, help="build folder")
-    r.add_argument("--name", required=True)
+    r.add_argument("--name", help="dataset name (required unless --extends)")
     r.add_argument("--version", required=True, help="X.Y.Z")
-    r.add_argument("--license", required=True, help="SPDX id, e.g. cc-by-4.0")
+    r.add_argument("--license", help="SPDX id, e.g. cc-by-4.0 (required unless --extends)")
     r.add_argument("--out", type=Path, required=True, help="release folder to create")
     r.add_argument("--prompts", type=Path, help="the prompt bank the build used (included)")
     r.add_argument(
@@ -363,12 +376,32 @@ def make_parser() -> argparse.ArgumentParser:
         default=True,
         help="include the q/k feature shards (default) or not",
     )
+    r.add_argument(
+        "--calibration",
+        type=Path,
+        help="a `datagen calibrate --json` report of the build's tracker: its figures go in "
+        "the card and stats/calibration.json",
+    )
+    r.add_argument(
+        "--extends",
+        type=Path,
+        help="an earlier release folder: the new release holds its shards and the build's "
+        "(renumbered after them), with both versions in the card and changelog",
+    )
     r.set_defaults(func=cmd_release)
 
-    pb = sub.add_parser("publish", help="copy a verified release to a file system URL")
+    pb = sub.add_parser(
+        "publish", help="copy a verified release to the Hugging Face Hub or a file system URL"
+    )
     pb.add_argument("release", type=Path)
-    pb.add_argument("--to", required=True, help="file://, s3://, gs:// ... (fsspec) URL")
-    pb.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    pb.add_argument(
+        "--to",
+        required=True,
+        help="hf://datasets/ORG/NAME, or a file://, s3://, gs:// ... (fsspec) URL",
+    )
+    pb.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
+    pb.add_argument("--revision", help="hf:// only: the branch to publish to (created if missing)")
+    pb.add_argument("--private", action="store_true", help="hf:// only: create the repo private")
     pb.set_defaults(func=cmd_publish)
 
     f = sub.add_parser("verify", help="check a release (or build) folder: sums, card, samples")

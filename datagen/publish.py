@@ -4,7 +4,7 @@ Each file goes up under a temporary name (``NAME.partial``) and is renamed into 
 ``SHA256SUMS`` goes last, so a folder that has it is a whole release, and a reader never takes
 a half-published one for complete. Re-running resumes: a file already at the target with the
 right sha256 is skipped. After the upload every file at the target is read back and checked
-against the sums. The Hugging Face Hub (``hf://``) is not built yet (#14).
+against the sums. The Hugging Face Hub (``hf://datasets/ORG/NAME``): datagen.publish_hub.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from datagen.errors import UserError
 from datagen.faults import failpoint
-from datagen.release import SUMS
+from datagen.verify import SUMS
 
 
 def _sums(rel: Path) -> dict[str, str]:
@@ -36,17 +36,27 @@ def _remote_sha(fs: Any, path: str) -> str | None:
     return h.hexdigest()
 
 
-def publish(rel: Path, to: str, dry_run: bool = False) -> dict[str, Any]:
-    """Returns what was sent, skipped and checked."""
+def publish(
+    rel: Path,
+    to: str,
+    dry_run: bool = False,
+    revision: str | None = None,
+    private: bool = False,
+    api: Any = None,
+) -> dict[str, Any]:
+    """Returns what was sent, skipped and checked. ``revision``, ``private``, ``api``: for
+    the Hub only (datagen.publish_hub)."""
     import fsspec
 
     from datagen.verify import is_release, verify
 
-    if to.startswith("hf://"):
-        raise UserError(
-            "publishing to the Hugging Face Hub is not built yet; publish to a file system "
-            "URL (file://, s3://, gs://) or upload the release folder with huggingface_hub"
-        )
+    hub = to.startswith("hf://")
+    if hub:
+        from datagen.publish_hub import repo_of
+
+        repo_of(to)
+    elif revision is not None or private:
+        raise UserError("--revision and --private are for hf:// targets only")
     if not is_release(rel):
         raise UserError(f"{rel} is not a release folder (make one with datagen release)")
     problems, _ = verify(rel)
@@ -55,6 +65,10 @@ def publish(rel: Path, to: str, dry_run: bool = False) -> dict[str, Any]:
             f"{rel} does not verify ({len(problems)} problems, first: {problems[0]}); "
             f"run datagen verify {rel}"
         )
+    if hub:
+        from datagen.publish_hub import publish_hub
+
+        return publish_hub(rel, to, revision=revision, private=private, dry_run=dry_run, api=api)
     try:
         fs, root = fsspec.core.url_to_fs(to)
     except (ImportError, ValueError) as exc:
