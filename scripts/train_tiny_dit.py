@@ -65,6 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=8192, help="training videos rendered up front")
     p.add_argument("--focus-t", type=int, default=1000)
     p.add_argument(
+        "--high-t-share",
+        type=float,
+        default=0.0,
+        help="share of each batch drawn uniformly from [--high-t-from, 1000): where the first "
+        "sampling steps decide the motion, which only the caption can tell",
+    )
+    p.add_argument("--high-t-from", type=int, default=700)
+    p.add_argument(
         "--init-from", type=Path, help="pipeline folder whose transformer starts the run"
     )
     p.add_argument("--cfg-drop", type=float, default=0.1)
@@ -286,6 +294,9 @@ def main(argv=None) -> int:
         t = sample_timesteps(
             args.batch, args.focus_t, gen, schedule, args.schedule_share, args.schedule_jitter
         )
+        if args.high_t_share > 0:
+            high = torch.randint(args.high_t_from, 1000, (args.batch,), generator=gen)
+            t = torch.where(torch.rand(args.batch, generator=gen) < args.high_t_share, high, t)
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].float().view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
