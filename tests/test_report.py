@@ -261,3 +261,89 @@ def test_bad_report_arguments_get_one_line(build, run_cli, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "R").exists()
+
+
+def _fake_sample(rng, key: str, category: str, set_: str) -> dict:
+    from datagen.layout import TokenLayout
+
+    lay = TokenLayout("cogvideox", 9, 48, 80, (4, 8, 8), (1, 2, 2), 4, "first")
+    n, f, t = 12, 3, 15
+    qxy = rng.uniform(0, [80, 48], size=(n, 2))
+    tracks = qxy[:, None] + rng.normal(0, 8, size=(n, 9, 2))
+    return {
+        "key": key,
+        "meta": {
+            "layout": lay.to_json(),
+            "capture": {"corr_layers": [3], "corr_steps": [1], "step_timesteps": {"1": 500}},
+            "prompt": {"category": category, "set": set_},
+            "tracker": {"name": "cotracker3_offline"},
+        },
+        "queries": np.concatenate([np.zeros((n, 1)), qxy], axis=1),
+        "tracks": tracks,
+        "visible": rng.random((n, 9)) < 0.8,
+        "correspondence": {
+            "match_forward": rng.integers(0, t, size=(1, 1, n, f)),
+            "soft_forward": rng.uniform(0, 5, size=(1, 1, n, f, 2)),
+            "match_reverse": rng.integers(0, t, size=(1, 1, f, t)),
+            "confidence": rng.random((1, 1, n, f)),
+            "mass_text": rng.random((1, 1, n)),
+            "mass_own_frame": rng.random((1, 1, n)),
+            "mass_other_frames": rng.random((1, 1, n)),
+        },
+    }
+
+
+def test_groups_pool_each_category_and_set_and_all_is_their_sum():
+    from datagen.analysis.collect import StudyOptions, _Collector
+
+    rng = np.random.default_rng(0)
+    specs = [("a", "object"), ("b", "object"), ("a", "scene"), ("b", "scene"), ("a", "object")]
+    samples = [_fake_sample(rng, f"v{i}", c, s) for i, (c, s) in enumerate(specs)]
+    alone = []
+    for s in samples:
+        one = _Collector(StudyOptions(qk=False))
+        one.video(s)
+        alone.append(one.study.corr["all"])
+    col = _Collector(StudyOptions(qk=False))
+    for s in samples:
+        col.video(s)
+    study = col.study
+    assert study.groups == ["all", "category=a", "category=b", "set=object", "set=scene"]
+    for group, members in (
+        ("all", [0, 1, 2, 3, 4]),
+        ("category=a", [0, 2, 4]),
+        ("category=b", [1, 3]),
+        ("set=object", [0, 1, 4]),
+        ("set=scene", [2, 3]),
+    ):
+        np.testing.assert_allclose(study.corr[group], sum(alone[i] for i in members))
+        videos = study.tracking[group][("no motion", "", -1, -1)]
+        assert len(videos) == len(members)
+    assert {v["ground_truth"] for v in study.videos} == {"pseudo (cotracker3_offline)"}
+
+
+def test_left_out_videos_and_points_are_counted_with_their_reason():
+    from datagen.analysis.collect import StudyOptions, _Collector
+    from datagen.sample import QC_FLAG_BITS
+
+    rng = np.random.default_rng(1)
+    kept = _fake_sample(rng, "kept", "a", "object")
+    kept["visible"][:, 0] = True
+    kept["visible"][0, 0] = False
+    kept["qc_flags"] = np.zeros(12, np.uint8)
+    kept["qc_flags"][[1, 2]] = next(iter(QC_FLAG_BITS.values()))
+    bare = _fake_sample(rng, "bare", "a", "object") | {"correspondence": None}
+    col = _Collector(StudyOptions(qk=False))
+    for s in (kept, bare):
+        col.video(s)
+    assert col.study.excluded == [
+        {"key": "bare", "reason": "no correspondence arrays (capture.corr_layers is empty)"}
+    ]
+    assert col.study.points_left_out == {
+        "not visible on frame 0": 1,
+        "rejected by quality control": 2,
+    }
+    assert [v["points"] for v in col.study.videos] == [9]
+    every = _Collector(StudyOptions(qk=False, kept_only=False))
+    every.video(kept)
+    assert [v["points"] for v in every.study.videos] == [11]

@@ -68,10 +68,15 @@ def qk_matches(
     definition of :mod:`datagen.capture.correspondence`. Memory: ``heads x chunk x h*w``
     float32 logits at a time.
     """
+    import warnings
+
     import torch
 
-    qt = torch.as_tensor(np.asarray(q)) if not isinstance(q, torch.Tensor) else q
-    kt = torch.as_tensor(np.asarray(k)) if not isinstance(k, torch.Tensor) else k
+    with warnings.catch_warnings():
+        # Stored q/k view a read-only shard buffer; they are only read here, never copied.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        qt = torch.as_tensor(np.asarray(q)) if not isinstance(q, torch.Tensor) else q
+        kt = torch.as_tensor(np.asarray(k)) if not isinstance(k, torch.Tensor) else k
     heads, frames, tokens, d = qt.shape
     h, w = grid_hw
     if h * w != tokens:
@@ -172,11 +177,11 @@ def reverse_of_forward(match_forward: np.ndarray, match_reverse: np.ndarray) -> 
 
 
 def patch_vectors(frame: np.ndarray, layout: TokenLayout) -> np.ndarray:
-    """(h*w, th*tw*3) zero-mean unit-norm RGB patches of one token's extent, in token order,
-    of a uint8 frame (H, W, 3)."""
+    """(h*w, th*tw*3) float32 zero-mean unit-norm RGB patches of one token's extent, in token
+    order, of a uint8 frame (H, W, 3)."""
     th, tw = layout.token_pixel_size
     _, h, w = layout.token_grid
-    x = np.asarray(frame, np.float64)[: h * th, : w * tw]
+    x = np.asarray(frame, np.float32)[: h * th, : w * tw]
     x = x.reshape(h, th, w, tw, -1).transpose(0, 2, 1, 3, 4).reshape(h * w, -1)
     x = x - x.mean(1, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
