@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,12 @@ def cmd_analyse(args: argparse.Namespace) -> int:
 
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.report is not None:
+        _check_report_folder(args.report)
+    if not (math.isfinite(args.threshold_px) and args.threshold_px > 0):
+        raise UserError(f"--threshold-px {args.threshold_px}: must be a positive number of pixels")
+    if args.examples < 0:
+        raise UserError(f"--examples {args.examples}: must be 0 or more")
     try:
         table = analyse_dataset(args.dataset, kept_only=not args.all_tracks)
     except ValueError as exc:
@@ -273,7 +280,43 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(table.to_json(), indent=1) + "\n")
         print(f"report: {args.json}")
+    if args.report is not None:
+        from datagen.analysis.collect import StudyOptions
+        from datagen.analysis.report import write_report
+
+        opts = StudyOptions(
+            reference_px=args.threshold_px,
+            kept_only=not args.all_tracks,
+            qk=not args.no_qk,
+            examples=args.examples,
+        )
+        try:
+            data = write_report(args.dataset, args.report, opts, rank_by=args.rank_by)
+        except ValueError as exc:
+            raise UserError(
+                f"{exc} (build with capture.corr_layers and capture.corr_steps)"
+            ) from None
+        s = data["summary"]
+        print(
+            f"study: {s['videos_used']} videos, {s['points_used']} points; best layer "
+            f"{s['best_layer']} (ranked by {data['settings']['rank_by']}); "
+            f"report: {args.report / 'index.html'}"
+        )
+        for note in data["notes"]:
+            print(f"note: {note}")
     return 0
+
+
+def _check_report_folder(path: Path) -> None:
+    """A report folder is new, empty, or an earlier report (its files are replaced)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--report {path}: is a file; pass a folder to create")
+    if path.is_dir() and any(path.iterdir()) and not (path / "report.json").is_file():
+        raise UserError(
+            f"--report {path}: folder exists and holds no earlier report; pass a new folder"
+        )
+    if not path.parent.is_dir():
+        raise UserError(f"--report {path}: folder {path.parent} does not exist")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -449,11 +492,35 @@ def make_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser(
-        "analyse", help="matching accuracy of each captured layer x step against the tracks"
+        "analyse",
+        help="matching accuracy of each captured layer x step against the tracks; with "
+        "--report, the whole study (ranking, zero-shot tracking, figures, HTML)",
     )
     a.add_argument("dataset", type=Path)
     a.add_argument("--all-tracks", action="store_true", help="not only the QC-kept tracks")
     a.add_argument("--json", type=Path, help="also write the table as JSON")
+    a.add_argument(
+        "--report",
+        type=Path,
+        metavar="R",
+        help="write the study to folder R: index.html, report.json, CSV tables, figures",
+    )
+    a.add_argument(
+        "--threshold-px",
+        type=float,
+        default=8.0,
+        help="matching threshold in pixels at 480x720, scaled to the build (default 8, the "
+        "paper's)",
+    )
+    a.add_argument(
+        "--rank-by",
+        choices=("px", "token"),
+        default="px",
+        help="accuracy in the layer ranking: within the pixel threshold (default, the paper's) "
+        "or within one token",
+    )
+    a.add_argument("--no-qk", action="store_true", help="do not read the stored q/k")
+    a.add_argument("--examples", type=int, default=3, help="videos drawn with tracks (default 3)")
     a.set_defaults(func=cmd_analyse)
 
     e = sub.add_parser("export", help="write a dataset as plain files: one folder per key")

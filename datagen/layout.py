@@ -105,6 +105,21 @@ class TokenLayout:
         rc = np.asarray(rowcol, np.float64)
         return np.stack([(rc[..., 1] + 0.5) * tw, (rc[..., 0] + 0.5) * th], axis=-1)
 
+    def centre_of_token_index(self, index: np.ndarray) -> np.ndarray:
+        """Raster (x, y) float (..., 2) of the centre of tokens given by their index ``row * w +
+        col`` (...) within a token frame (the inverse of :meth:`token_index_of_pixel` up to the
+        token's extent)."""
+        w = self.token_grid[2]
+        idx = np.asarray(index, np.int64)
+        return self.token_centre(np.stack([idx // w, idx % w], axis=-1))
+
+    def pixels_of_token_units(self, xy: np.ndarray) -> np.ndarray:
+        """Raster pixels (x, y) float64 (..., 2) of points (x, y) (..., 2) in token units, raster
+        convention (token (x=0, y=0) spans [0, 1] x [0, 1]; its centre is (0.5, 0.5)), as the
+        correspondence's ``soft_forward`` gives them. A pure scaling: no half-pixel offset."""
+        th, tw = self.token_pixel_size
+        return np.asarray(xy, np.float64) * np.array([tw, th], np.float64)
+
     def pixel_region(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Raster box (x0, y0, x1, y1) covered by token (row, col); x1, y1 exclusive."""
         th, tw = self.token_pixel_size
@@ -130,6 +145,14 @@ class TokenLayout:
         for lat in self.latent_frames_of_token_frame(frame):
             out += self.video_frames_of_latent_frame(lat)
         return out
+
+    def anchor_video_frame(self, frame: int) -> int | None:
+        """The video frame a token frame is compared at: the last one it encodes (None for a
+        token frame of padding only). One rule for every analysis (matching accuracy,
+        zero-shot tracks): token frame 0 -> video frame 0, CogVideoX token frame j >= 1 ->
+        video frame 4j."""
+        frames = self.video_frames_of_token_frame(frame)
+        return frames[-1] if frames else None
 
     def token_frame_of_video_frame(self, video_frame: int) -> int:
         ct = self.vae_compression[0]

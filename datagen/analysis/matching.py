@@ -186,7 +186,7 @@ def analyse_dataset(source: Any, kept_only: bool = True) -> MatchingTable:
 
     fields = ["tracks", "visible", "queries", "correspondence", "meta", "qc_flags"]
     table: MatchingTable | None = None
-    for s in open_dataset(source, fields=fields):
+    for s in open_dataset(source, video=False, fields=fields):
         corr = s.get("correspondence")
         meta = s["meta"]
         if not corr or "layout" not in meta:
