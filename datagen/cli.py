@@ -289,6 +289,7 @@ def cmd_analyse(args: argparse.Namespace) -> int:
             kept_only=not args.all_tracks,
             qk=not args.no_qk,
             examples=args.examples,
+            pseudo=not args.no_retrack,
         )
         try:
             data = write_report(args.dataset, args.report, opts, rank_by=args.rank_by)
@@ -521,6 +522,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--no-qk", action="store_true", help="do not read the stored q/k")
     a.add_argument("--examples", type=int, default=3, help="videos drawn with tracks (default 3)")
+    a.add_argument(
+        "--no-retrack",
+        action="store_true",
+        help="for videos with exact tracks (--source synthetic), do not also label them with "
+        "the build's tracker and score zero-shot tracking against those pseudo labels",
+    )
     a.set_defaults(func=cmd_analyse)
 
     e = sub.add_parser("export", help="write a dataset as plain files: one folder per key")

@@ -129,6 +129,33 @@ def test_tracking_scores_the_no_motion_baseline_as_a_naive_reference(build, repo
     }
 
 
+def test_exact_labelled_videos_are_also_scored_against_the_builds_tracker(build, report):
+    """A synthetic build's videos are re-labelled by the build's configured tracker, and every
+    zero-shot tracker is scored against those pseudo labels too: here the no-motion baseline
+    against a naive pass that runs the same tracker itself."""
+    from datagen.track.registry import make_tracker
+
+    _, data = report
+    per_video = []
+    for s in open_dataset(build):
+        cfg = s["meta"]["config"]["tracker"]
+        first = np.flatnonzero((s["queries"][:, 0] == 0) & s["visible"][:, 0])
+        queries = s["queries"][first].astype(np.float32)
+        res = make_tracker(cfg["name"], **cfg["settings"]).track(s["frames"], queries)
+        tr, vis = res.tracks.astype(np.float64) * 8, res.visible  # 32 px -> 256 px
+        q = s["queries"][first, 1:] * 8
+        d = np.linalg.norm(tr[:, 1:] - q[:, None], axis=-1)
+        v = vis[:, 1:]
+        per_video.append(np.mean([(v & (d < t)).sum() / v.sum() for t in (1, 2, 4, 8, 16)]))
+    rows = [r for r in data["tracking"] if r["group"] == "all" and r["labels"] == "re-tracked"]
+    assert {r["ground_truth"] for r in rows} == {"pseudo (lk_recover)"}
+    own = [r for r in data["tracking"] if r["group"] == "all" and r["labels"] == "own"]
+    assert {(r["method"], r["source"]) for r in rows} == {(r["method"], r["source"]) for r in own}
+    still = next(r for r in rows if r["method"] == "no motion")
+    assert still["delta_avg"] == pytest.approx(100 * np.mean(per_video))
+    assert any("labels 're-tracked'" in n for n in data["notes"])
+
+
 def test_csv_tables_hold_the_json_rows(report):
     out, data = report
     for name, rows in (("matching", data["matching"]), ("tracking", data["tracking"])):

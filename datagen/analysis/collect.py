@@ -39,6 +39,10 @@ class StudyOptions:
     """Sub-token refinement window radius, tokens (soft-argmax from q/k)."""
     examples: int = 3
     """Videos kept by key for overlays and attention maps."""
+    pseudo: bool = True
+    """For videos labelled with exact tracks (``--source synthetic``), also label them with the
+    build's configured tracker and score every zero-shot tracker against those pseudo labels
+    too, as a text-to-video build of the same videos would be scored."""
 
 
 TrackKey = tuple[str, str, int, int]
@@ -62,7 +66,15 @@ class Study:
     baselines: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     """group -> baseline name -> sums (matching fields only)."""
     tracking: dict[str, dict[TrackKey, list[dict[str, float]]]] = field(default_factory=dict)
-    """group -> tracker -> one TAP-Vid metrics dict per video."""
+    """group -> tracker -> one TAP-Vid metrics dict per video, against the build's labels."""
+    tracking_pseudo: dict[str, dict[TrackKey, list[dict[str, float]]]] = field(
+        default_factory=dict
+    )
+    """The same against pseudo labels of exact-labelled videos (``StudyOptions.pseudo``)."""
+    pseudo_tracker: str | None = None
+    """"pseudo (NAME)" of the tracker that made those labels."""
+    pseudo_note: str | None = None
+    """Why no pseudo labels were made, when the tracker could not be built."""
     videos: list[dict[str, Any]] = field(default_factory=list)
     """Used videos: key, category, set, points, pairs, ground truth."""
     excluded: list[dict[str, str]] = field(default_factory=list)
@@ -152,9 +164,37 @@ class _Collector:
             cell = table.setdefault(g, {})
             cell[key] = cell[key] + sums if key in cell else sums.copy()
 
-    def add_track(self, groups: list[str], key: TrackKey, metrics: dict[str, float]) -> None:
+    def add_track(
+        self, groups: list[str], key: TrackKey, metrics: dict[str, float], pseudo: bool = False
+    ) -> None:
+        table = self.study.tracking_pseudo if pseudo else self.study.tracking
         for g in groups:
-            self.study.tracking.setdefault(g, {}).setdefault(key, []).append(metrics)
+            table.setdefault(g, {}).setdefault(key, []).append(metrics)
+
+    def pseudo_labels(
+        self, s: dict[str, Any], qxy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The build's configured tracker run on the video from the same frame-0 queries, for
+        a video whose labels are exact; None when not asked for, not applicable, or the
+        tracker cannot run here (the first reason is kept in ``excluded``-style notes)."""
+        meta, frames = s["meta"], s.get("frames")
+        if not self.study.options.pseudo or frames is None or ground_truth_kind(meta) != "exact":
+            return None
+        if not hasattr(self, "_tracker"):
+            self._tracker = None
+            cfg = ((meta.get("config") or {}).get("tracker")) or {}
+            try:
+                from datagen.track.registry import make_tracker
+
+                self._tracker = make_tracker(cfg["name"], **(cfg.get("settings") or {}))
+                self.study.pseudo_tracker = f"pseudo ({self._tracker.name})"
+            except Exception as exc:  # unknown tracker, weights not available offline ...
+                self.study.pseudo_note = f"tracker {cfg.get('name')}: {type(exc).__name__}: {exc}"
+        if self._tracker is None:
+            return None
+        queries = np.concatenate([np.zeros((len(qxy), 1)), qxy], axis=1).astype(np.float32)
+        res = self._tracker.track(np.asarray(frames), queries)
+        return np.asarray(res.tracks, np.float64), np.asarray(res.visible, bool)
 
     def video(self, s: dict[str, Any]) -> None:
         study, opts = self.study, self.study.options
@@ -199,9 +239,14 @@ class _Collector:
             }
         )
 
+        pseudo = self.pseudo_labels(s, qxy)
+
         def score(method: str, source: str, layer: int, step: int, pred, vis) -> None:
             m = zs.score_tracks(pred, vis, tracks, visible, layout)
             self.add_track(groups, (method, source, layer, step), m)
+            if pseudo is not None:
+                m = zs.score_tracks(pred, vis, pseudo[0], pseudo[1], layout)
+                self.add_track(groups, (method, source, layer, step), m, pseudo=True)
 
         sums = np.zeros((len(layers), len(steps), len(st.STATS)))
         for li, layer in enumerate(layers):

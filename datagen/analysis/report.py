@@ -31,7 +31,7 @@ MATCH_COLUMNS = (
 )
 RANK_COLUMNS = ["layer", "step", "timestep", "score", "accuracy", "confidence", "cross_frame"]
 TRACK_COLUMNS = (
-    ["group", "method", "source", "layer", "step", "timestep", "ground_truth"]
+    ["group", "method", "source", "layer", "step", "timestep", "labels", "ground_truth"]
     + [
         "videos",
         "points",
@@ -148,6 +148,7 @@ def _overlay_cell(data: dict[str, Any]) -> tuple[int, int]:
         r
         for r in data["tracking"]
         if r["group"] == GROUP_ALL
+        and r["labels"] == "own"
         and r["source"] == "correspondence"
         and r["method"] == ARGMAX
         and r["delta_avg"] is not None

@@ -102,11 +102,18 @@ def ranking(study: Study, group: str = GROUP_ALL, rank_by: str = "px") -> dict[s
 
 
 def tracking_rows(study: Study) -> list[dict[str, Any]]:
-    """One row per group x tracker: TAP-Vid metrics in percent, means over videos."""
+    """One row per group x tracker x labels: TAP-Vid metrics in percent, means over videos.
+    ``labels`` is "own" (the build's labels: exact for a synthetic source, the tracker's
+    otherwise) or "re-tracked" (pseudo labels the analysis made for exact-labelled videos with
+    the build's configured tracker)."""
     gt = sorted({v["ground_truth"] for v in study.videos})
+    own = gt[0] if len(gt) == 1 else "mixed: " + ", ".join(gt)
     rows = []
-    for g in study.groups:
-        for (method, source, layer, step), per_video in study.tracking.get(g, {}).items():
+    tables = [("own", own, study.tracking)]
+    if study.tracking_pseudo:
+        tables.append(("re-tracked", study.pseudo_tracker or "pseudo", study.tracking_pseudo))
+    for (labels, truth, table), g in ((t, g) for t in tables for g in study.groups):
+        for (method, source, layer, step), per_video in table.get(g, {}).items():
             agg = evaluate_videos(per_video)
             row = {
                 "group": g,
@@ -115,7 +122,8 @@ def tracking_rows(study: Study) -> list[dict[str, Any]]:
                 "layer": layer if layer >= 0 else None,
                 "step": step if step >= 0 else None,
                 "timestep": _timestep(study, step) if step >= 0 else None,
-                "ground_truth": gt[0] if len(gt) == 1 else "mixed: " + ", ".join(gt),
+                "labels": labels,
+                "ground_truth": truth,
                 "videos": int(agg["num_videos"]),
                 "points": int(agg["num_eval_points"]),
             }
@@ -125,7 +133,11 @@ def tracking_rows(study: Study) -> list[dict[str, Any]]:
 
 def best_tracker(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The attention tracker with the highest delta_avg over all videos."""
-    att = [r for r in rows if r["group"] == GROUP_ALL and r["source"] != "baseline"]
+    att = [
+        r
+        for r in rows
+        if r["group"] == GROUP_ALL and r["source"] != "baseline" and r["labels"] == "own"
+    ]
     att = [r for r in att if r["delta_avg"] is not None]
     return max(att, key=lambda r: r["delta_avg"]) if att else None
 
@@ -156,6 +168,15 @@ def report_data(
         )
     if study.options.qk and not study.feature_pairs:
         notes.append("no q/k stored (capture.feature_layers): no q/k rows, no attention map")
+    if study.pseudo_note:
+        notes.append(f"no pseudo labels made ({study.pseudo_note}): tracking is scored against "
+                     "the exact labels only")  # fmt: skip
+    elif study.tracking_pseudo:
+        notes.append(
+            f"the videos have exact tracks; tracking is scored against them (labels 'own') and "
+            f"against labels the build's tracker makes of the same videos ({study.pseudo_tracker}"
+            ", labels 're-tracked'), as a text-to-video build would be scored"
+        )
     return {
         "notes": notes,
         "format": FORMAT,
