@@ -39,16 +39,9 @@ def shard_keys(folder: Path, shards: list[dict[str, Any]]) -> set[str]:
 def read_earlier(rel: Path, version: str) -> dict[str, Any]:
     """The release to extend, verified, with what the new one needs of it."""
     from datagen.card import CARD
-    from datagen.verify import card_front, is_release, verify
+    from datagen.verify import card_front, require_verified
 
-    if not is_release(rel):
-        raise UserError(f"--extends {rel}: not a release folder (make one with datagen release)")
-    problems, _ = verify(rel)
-    if problems:
-        raise UserError(
-            f"--extends {rel} does not verify ({len(problems)} problems, first: {problems[0]}); "
-            f"run datagen verify {rel}"
-        )
+    require_verified(rel, "--extends")
     front = card_front((rel / CARD).read_text(encoding="utf-8"))
     ours = front["datagen"]
     if _version(version) <= _version(ours["version"]):

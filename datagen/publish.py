@@ -48,7 +48,7 @@ def publish(
     the Hub only (datagen.publish_hub)."""
     import fsspec
 
-    from datagen.verify import is_release, verify
+    from datagen.verify import require_verified
 
     hub = to.startswith("hf://")
     if hub:
@@ -57,14 +57,7 @@ def publish(
         repo_of(to)
     elif revision is not None or private:
         raise UserError("--revision and --private are for hf:// targets only")
-    if not is_release(rel):
-        raise UserError(f"{rel} is not a release folder (make one with datagen release)")
-    problems, _ = verify(rel)
-    if problems:
-        raise UserError(
-            f"{rel} does not verify ({len(problems)} problems, first: {problems[0]}); "
-            f"run datagen verify {rel}"
-        )
+    require_verified(rel)
     if hub:
         from datagen.publish_hub import publish_hub
 

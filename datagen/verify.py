@@ -36,6 +36,20 @@ def is_release(path: Path) -> bool:
     return (path / SUMS).is_file() and (path / "data" / MANIFEST).is_file()
 
 
+def require_verified(rel: Path, what: str = "") -> None:
+    """UserError unless ``rel`` is a release folder that verifies (``what``: the option that
+    named it, for the message)."""
+    name = f"{what} {rel}" if what else str(rel)
+    if not is_release(rel):
+        raise UserError(f"{name}: not a release folder (make one with datagen release)")
+    problems, _ = verify(rel)
+    if problems:
+        raise UserError(
+            f"{name} does not verify ({len(problems)} problems, first: {problems[0]}); "
+            f"run datagen verify {rel}"
+        )
+
+
 def card_front(text: str) -> dict[str, Any]:
     """The card's YAML front matter (ValueError when there is none or it does not parse)."""
     import yaml

@@ -126,14 +126,13 @@ def _window_mean(p, m, h: int, w: int, radius: int, centres):
 def tracks_from_tokens(match: np.ndarray, query_xy: np.ndarray, layout: TokenLayout) -> np.ndarray:
     """Raster tracks (N, A, 2) at the anchor frames from token matches (N, F): the query
     itself on token frame 0, the matched token's centre elsewhere."""
-    out = []
-    for j, _ in anchors(layout):
-        out.append(
-            np.asarray(query_xy, np.float64)
-            if j == 0
-            else layout.centre_of_token_index(match[:, j])
-        )
-    return np.stack(out, axis=1)
+    return _at_anchors(query_xy, layout, lambda j: layout.centre_of_token_index(match[:, j]))
+
+
+def _at_anchors(query_xy: np.ndarray, layout: TokenLayout, position) -> np.ndarray:
+    """(N, A, 2): the query on token frame 0, ``position(j)`` (N, 2) on token frame j."""
+    q = np.asarray(query_xy, np.float64)
+    return np.stack([q if j == 0 else position(j) for j, _ in anchors(layout)], axis=1)
 
 
 def tracks_from_token_units(
@@ -141,14 +140,7 @@ def tracks_from_token_units(
 ) -> np.ndarray:
     """Raster tracks (N, A, 2) from positions (N, F, 2) in token units (``soft_forward``,
     :attr:`QKMatches.refined`)."""
-    out = []
-    for j, _ in anchors(layout):
-        out.append(
-            np.asarray(query_xy, np.float64)
-            if j == 0
-            else layout.pixels_of_token_units(xy_tokens[:, j])
-        )
-    return np.stack(out, axis=1)
+    return _at_anchors(query_xy, layout, lambda j: layout.pixels_of_token_units(xy_tokens[:, j]))
 
 
 def cycle_visible(
