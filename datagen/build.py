@@ -127,13 +127,15 @@ def check_output_dir(
 
 
 def committed_samples(out: Path, plan: Plan, cfg: BuildConfig) -> int:
-    """Samples of the plan in shards an earlier run of this config already committed."""
+    """Samples of the plan in shards an earlier run of this config committed, judged by
+    stats markers and tar sizes only (an estimate for the disk-space check: run_build hashes
+    every committed tar before it keeps one, so a resume reads each tar once)."""
     if not out.is_dir():
         return 0
     fp, kinds = cfg.fingerprint(), tuple(build_members(cfg))
     done = 0
     for task in plan.shards:
-        stats = committed_stats(out, task.index, fp, kinds)
+        stats = committed_stats(out, task.index, fp, kinds, hashed=False)
         planned = sorted(u.key for u in task.units)
         if stats is not None and sorted(stats.keys + [r.key for r in stats.rejected]) == planned:
             done += len(task.units)
