@@ -63,6 +63,20 @@ def _paper_generation(**kw: Any) -> GenerationConfig:
     return GenerationConfig(**base)
 
 
+def _wan_generation(height: int, width: int) -> GenerationConfig:
+    """Wan 2.1's model-card settings at a resolution: 81 frames, guidance 5, 16 fps, 512 text
+    tokens and its negative prompt."""
+    return _paper_generation(
+        num_frames=81,
+        height=height,
+        width=width,
+        guidance_scale=5.0,
+        fps=16,
+        max_sequence_length=512,
+        negative_prompt=WAN_NEGATIVE_PROMPT,
+    )
+
+
 def _tiny_trained() -> BuildConfig:
     # The shipped trained DiT: 8 frames of 32x32 pixels, 6 layers; its two last layers are
     # captured at the last two of 6 DDIM steps. The synthetic source defaults to the
@@ -155,29 +169,13 @@ PRESETS: dict[str, BuildConfig] = {
     "wan2.1-t2v-1.3b": _real(
         "wan2.1-t2v-1.3b",
         ModelConfig(family="wan", model_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype="bfloat16"),
-        _paper_generation(
-            num_frames=81,
-            height=480,
-            width=832,
-            guidance_scale=5.0,
-            fps=16,
-            max_sequence_length=512,
-            negative_prompt=WAN_NEGATIVE_PROMPT,
-        ),
+        _wan_generation(height=480, width=832),
         _paper_capture(30, 15),
     ),
     "wan2.1-t2v-14b": _real(
         "wan2.1-t2v-14b",
         ModelConfig(family="wan", model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", dtype="bfloat16"),
-        _paper_generation(
-            num_frames=81,
-            height=720,
-            width=1280,
-            guidance_scale=5.0,
-            fps=16,
-            max_sequence_length=512,
-            negative_prompt=WAN_NEGATIVE_PROMPT,
-        ),
+        _wan_generation(height=720, width=1280),
         _paper_capture(40, 20),
     ),
     # DiffTrack's HunyuanVideo settings: 49 frames at 480x720, 30 steps, the default
