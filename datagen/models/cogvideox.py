@@ -168,6 +168,9 @@ class CogVideoXFamily(ModelFamily):
     def attention_layers(self, transformer: Any) -> list[Any]:
         return [block.attn1 for block in transformer.transformer_blocks]
 
+    def blocks(self, transformer: Any) -> list[Any]:
+        return list(transformer.transformer_blocks)
+
     def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
         return CogVideoXCaptureProcessor(recorder, layer)
 
