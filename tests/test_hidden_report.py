@@ -138,3 +138,23 @@ def test_feature_rows_equal_a_naive_recomputation(build, report):
     page = (out / "index.html").read_text()
     assert page.count('<td data-col="source" class=t>features</td>') == 2 * len(got)
     assert "block-output features (matched by cosine" in page
+
+
+def test_check_capture_names_a_malformed_hidden_tensor(build):
+    import safetensors.numpy
+
+    from datagen.check import check_capture
+
+    s = next(iter(open_dataset(build, video=False, features=True)))
+    meta, feats = s["meta"], {k: np.array(v) for k, v in s["features"].items()}
+    assert check_capture(meta, features=safetensors.numpy.save(feats)) == []
+    name = f"h.layer{HIDDEN[0]:03d}.step004"
+    bad = dict(feats)
+    bad[name] = feats[name][None]  # 4-D, like q/k: not a block output
+    errs = check_capture(meta, features=safetensors.numpy.save(bad))
+    assert len(errs) == 1 and errs[0].startswith(f"{name} is float16 (1, ")
+    assert "expected float16 (" in errs[0] and "model width)" in errs[0]
+    bad[name] = feats[name].astype(np.float32)
+    assert "expected float16" in check_capture(meta, features=safetensors.numpy.save(bad))[0]
+    del bad[name]
+    assert "differ from metadata" in check_capture(meta, features=safetensors.numpy.save(bad))[0]
