@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datagen.capture.recorder import Recorder
+from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import TINY_MODEL_ID, TRAINED_TINY_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
@@ -294,10 +294,9 @@ class _QKCollector:
     row (one forward, no CFG split): for analysis and training-time evaluation."""
 
     def __init__(self, token_grid: tuple[int, int, int], layers: list[int]):
-        from types import SimpleNamespace
-
         self.token_grid = token_grid
-        self.spec = SimpleNamespace(layers=tuple(layers))
+        # Only which layers get a processor matters here (``wants`` takes every call).
+        self.spec = CaptureSpec(tuple(layers), (0,), (), ())
         self.cond = slice(None)
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
