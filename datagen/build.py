@@ -184,7 +184,7 @@ def prepare_build(
         family = get_family(cfg.model.family)
         family.check_model(cfg.model)
         family.check_generation(cfg.generation, cfg.model)
-        family.check_capture_layers(capture_spec(cfg).layers, cfg.model)
+        family.check_capture_layers(capture_spec(cfg).all_layers, cfg.model)
         if kind == "text-to-video":
             family.check_prompts(prompts, cfg.generation, cfg.model)
     try:

@@ -158,6 +158,11 @@ def card_text(
         )
     bank = manifest["prompt_bank"]
     where = f", in `prompts/{prompts_file}`" if prompts_file else " (not included)"
+    hidden = (
+        f"and block outputs (hidden states) of layers {cap['hidden_layers']} "
+        if cap.get("hidden_layers")
+        else ""
+    )
     nl = "\n"
     body = f"""
 # {name} {version}
@@ -178,7 +183,7 @@ captured while it generated them and pseudo ground-truth point tracks, made by
   {verdicts.get("rejected", 0)} rejected (`qc.rejected={qc["rejected"]}`); main causes:
   {causes or "none"}. {totals.get("failed", 0)} samples failed before QC.
 - Capture: q/k features of layers {cap["feature_layers"]} at steps {cap["feature_steps"]}
-  ({"included" if features else "not included in this release"}); correspondence of layers
+  {hidden}({"included" if features else "not included in this release"}); correspondence of layers
   {cap["corr_layers"]} at steps {cap["corr_steps"]} (in the core shards).
 - Software: {", ".join(f"{k} {v}" for k, v in sorted(manifest["software"].items()))}.
 - Config fingerprint `{manifest["config_fingerprint"]}`; the full config is `config.json`.

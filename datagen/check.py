@@ -147,13 +147,16 @@ def check_capture(
         if features is not None:
             tensors = safetensors_arrays(features)
             if sorted(tensors) != sorted(cap["feature_tensors"]):
-                errs.append(f"q/k tensors {sorted(tensors)} differ from metadata")
+                errs.append(f"feature tensors {sorted(tensors)} differ from metadata")
             for name, t in tensors.items():
-                if t.dtype != FEATURE_DTYPE or t.ndim != 4 or t.shape[1:3] != (frames, h * w):
-                    errs.append(
-                        f"{name} is {t.dtype} {t.shape}, expected {FEATURE_DTYPE} "
-                        f"(heads, {frames}, {h * w}, head dim)"
-                    )
+                if name.startswith("h."):  # a block's output hidden states
+                    ok, want = t.ndim == 3 and t.shape[:2] == (frames, h * w), "model width"
+                    want = f"({frames}, {h * w}, {want})"
+                else:
+                    ok = t.ndim == 4 and t.shape[1:3] == (frames, h * w)
+                    want = f"(heads, {frames}, {h * w}, head dim)"
+                if t.dtype != FEATURE_DTYPE or not ok:
+                    errs.append(f"{name} is {t.dtype} {t.shape}, expected {FEATURE_DTYPE} {want}")
                 elif not np.isfinite(t).all():
                     errs.append(f"{name} holds non-finite values")
     except Exception as exc:  # a damaged safetensors blob is a finding, not a crash

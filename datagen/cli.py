@@ -72,7 +72,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     capture = (
         f" + {human_bytes(plan.feature_bytes_per_sample)} of q/k features "
-        f"({len(cap.feature_layers)} layers x {len(cap.feature_steps)} steps; correspondence "
+        f"({len(cap.feature_layers)} layers x {len(cap.feature_steps)} steps"
+        + (f", hidden states of {len(cap.hidden_layers)} layers" if cap.hidden_layers else "")
+        + f"; correspondence "
         f"for {len(cap.corr_layers)} layers x {len(cap.corr_steps)} steps)"
         if capture_spec(cfg).enabled
         else ""

@@ -146,6 +146,10 @@ class CaptureConfig:
     corr_layers: list[int] = field(default_factory=lambda: [0, 1])
     corr_steps: list[int] = field(default_factory=lambda: [2, 3])
     step_unit: str = "index"
+    hidden_layers: list[int] = field(default_factory=list)
+    """Blocks whose output hidden states (video tokens, fp16) are stored beside q/k in the
+    features shards, at ``feature_steps``; empty: none (left out of the stored config, so
+    builds without it keep their bytes and fingerprints)."""
 
 
 @dataclass
@@ -187,7 +191,12 @@ class BuildConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["capture"]["hidden_layers"]:
+            # Added after builds were published: absent when unused, so their stored configs
+            # and fingerprints stay what they were.
+            del out["capture"]["hidden_layers"]
+        return out
 
     def fingerprint(self) -> str:
         """Hash of everything that can change the bytes written (16 hex digits)."""
@@ -414,7 +423,7 @@ def check_config(cfg: BuildConfig) -> None:
     cap = cfg.capture
     if cap.step_unit not in ("index", "timestep"):
         raise UserError(f"capture.step_unit '{cap.step_unit}' is not one of index, timestep")
-    for name in ("feature_layers", "feature_steps", "corr_layers", "corr_steps"):
+    for name in ("feature_layers", "feature_steps", "corr_layers", "corr_steps", "hidden_layers"):
         values = getattr(cap, name)
         if any(v < 0 for v in values) or len(set(values)) != len(values):
             raise UserError(f"capture.{name} must hold distinct non-negative integers: {values}")
@@ -425,5 +434,10 @@ def check_config(cfg: BuildConfig) -> None:
                     f"capture.{name} {late} lie past the last step {g.num_inference_steps - 1} "
                     f"(generation.num_inference_steps={g.num_inference_steps})"
                 )
+    if cap.hidden_layers and not cap.feature_steps:
+        raise UserError(
+            f"capture.hidden_layers {cap.hidden_layers} are captured at capture.feature_steps, "
+            "which is empty; set capture.feature_steps=[...]"
+        )
     if cfg.video.pix_fmt == "yuv420p" and (g.height % 2 or g.width % 2):
         raise UserError("generation.height and width must be even for video.pix_fmt=yuv420p")

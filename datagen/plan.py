@@ -92,7 +92,8 @@ def query_points_bound(cfg: BuildConfig, first_frame: bool = False) -> int:
 
 
 def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tuple[int, int]:
-    """(correspondence bytes in the core sample, q/k feature bytes) of one video.
+    """(correspondence bytes in the core sample, q/k and hidden-state feature bytes) of one
+    video.
 
     The token grid and attention width come from the model family's geometry (read from a
     local model folder's configs when there is one); ``heads_dim`` overrides the width.
@@ -112,7 +113,10 @@ def estimate_capture_bytes(cfg: BuildConfig, heads_dim: int | None = None) -> tu
     # reverse matches (F x h x w x 4 B), three masses (N x 12 B)
     corr = pairs * (n * f * 28 + f * h * w * 4 + n * 12) + (1024 if pairs else 0)
     feat_pairs = len(cap.feature_layers) * len(cap.feature_steps)
-    features = feat_pairs * 2 * f * h * w * heads_dim * 2
+    # hidden states: one (F, h*w, model width) fp16 tensor per (layer, step); the width of the
+    # three families' blocks is heads x head dim
+    hidden_pairs = len(cap.hidden_layers) * len(cap.feature_steps)
+    features = (feat_pairs * 2 + hidden_pairs) * f * h * w * heads_dim * 2
     return corr, features
 
 

@@ -24,7 +24,9 @@ members that share a key. Core members (:data:`CORE_MEMBERS` and what
 ==================  ===========================================================================
 
 The features shard of the same number holds ``qk.safetensors`` per key: float16 tensors
-(heads, token frames, h*w, head dim) named ``{q|k}.layer{LLL}.step{SSS}``.
+(heads, token frames, h*w, head dim) named ``{q|k}.layer{LLL}.step{SSS}``, and with
+``capture.hidden_layers`` the blocks' output hidden states (token frames, h*w, model width)
+named ``h.layer{LLL}.step{SSS}``.
 
 Decoding never executes data: ``.npy`` headers are parsed with ``ast.literal_eval`` and object
 arrays refused, safetensors headers are JSON, tar headers are parsed here (no ``tarfile``

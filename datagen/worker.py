@@ -122,10 +122,10 @@ def build_members(cfg: BuildConfig) -> dict[str, list[str]]:
     """Member extensions per shard kind that every sample of this build carries."""
     spec = capture_spec(cfg)
     if cfg.source.kind == "synthetic":
-        out = members_for(bool(spec.corr_layers), bool(spec.feature_layers))
+        out = members_for(bool(spec.corr_layers), spec.has_features)
         out["core"] = sorted(out["core"] + ["masks.npy", "object_ids.npy"])
         return out
-    out = members_for(bool(spec.corr_layers), bool(spec.feature_layers), qc=True)
+    out = members_for(bool(spec.corr_layers), spec.has_features, qc=True)
     if cfg.qc.rejected == "separate":
         # A separated sample keeps everything it has, its q/k included.
         out["rejected"] = sorted(out["core"] + out.get("features", []))

@@ -186,3 +186,54 @@ def test_capture_of_missing_layer_is_a_user_error():
     rec = Recorder(CaptureSpec((5,), (0,), (), ()), batch=1)
     with pytest.raises(UserError, match=r"capture layers \[5\] do not exist"):
         CogVideoXFamily().install_capture(pipe, rec, True)
+
+
+@pytest.mark.parametrize("variant", ["1.0-2b (sin-cos, no RoPE)", "1.5 (RoPE, patch_t=2)"])
+def test_hidden_states_are_the_blocks_output_video_tokens(variant):
+    """``capture.hidden_layers``: each chosen block's output video tokens (no text) of the
+    conditional CFG half (CogVideoX batches [negative, positive]), at the feature steps, as
+    fp16 (token frames, h*w, width); the video stays bit-identical and the hooks go away."""
+    num_frames = 9
+    pipe = build_tiny_pipeline(num_frames=num_frames, **VARIANTS[variant])
+    pipe.set_progress_bar_config(disable=True)
+    gen = _gen(num_frames)
+    layout = CogVideoXFamily().layout(pipe, gen)
+    plain = _run(pipe, gen)
+    # Independent of the recorder: count the transformer's forwards (one per step) ourselves.
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    calls = [-1]
+    blocks = pipe.transformer.transformer_blocks
+
+    def count(module, args, kwargs):
+        calls[0] += 1
+
+    def keep(layer):
+        def fn(module, args, out):
+            seen[(layer, calls[0])] = out[0].detach().clone()  # (video, text)
+
+        return fn
+
+    handles = [pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)]
+    handles += [blocks[i].register_forward_hook(keep(i)) for i in (0, 1)]
+    spec = CaptureSpec((), (1, 3), (), (), hidden_layers=(1,))
+    rec = Recorder(spec, batch=2, token_grid=layout.token_grid)
+    try:
+        captured = _run(pipe, gen, rec)
+    finally:
+        for h in handles:
+            h.remove()
+    assert np.array_equal(plain, captured)
+    assert all(not b._forward_hooks for b in blocks), "remove() must take the hooks off"
+    f, h, w = layout.token_grid
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    for b in range(2):
+        assert sorted(rec.features[b]) == ["h.layer001.step001", "h.layer001.step003"]
+        for step in (1, 3):
+            out = seen[(1, step)]  # (2 * batch, F*h*w, width): negative rows first
+            assert out.shape == (4, f * h * w, width)
+            want = out[2 + b].reshape(f, h * w, width).to(torch.float16)
+            got = rec.features[b][f"h.layer001.step{step:03d}"]
+            assert got.dtype == torch.float16 and torch.equal(got, want)
+            assert not torch.equal(got, out[b].reshape(f, h * w, width).half()), "negative half"
+        other = seen[(1, 2)][2 + b].reshape(f, h * w, width).half()
+        assert not torch.equal(rec.features[b]["h.layer001.step001"], other)

@@ -451,3 +451,46 @@ def test_missing_layer_and_unloadable_model_are_user_errors(pipe, monkeypatch):
         cfg = ModelConfig(family="hunyuanvideo", model_id=model_id, device="cpu")
         with pytest.raises(UserError, match=r"--set model\.model_id=/path"):
             fam.load_pipeline(cfg)
+
+
+def test_hidden_states_are_the_video_tokens_of_dual_and_single_stream_blocks():
+    """``capture.hidden_layers`` numbers blocks like the attention layers (dual-stream first,
+    then single-stream); each keeps its block's output video tokens (the text, which comes
+    last in the joint sequence, is left out), fp16 (token frames, h*w, width)."""
+    transformer = build_tiny_hunyuan_transformer(num_layers=2, num_single_layers=2)
+    inputs = _inputs(transformer, _mask([[1] * 6 + [0] * 2, [1] * 2 + [0] * 6]))
+    seen = {}
+
+    def keep(name):
+        def fn(module, args, out):
+            video, text = out
+            seen[name] = (video.detach().clone(), text.detach().clone())
+
+        return fn
+
+    handles = [
+        transformer.transformer_blocks[1].register_forward_hook(keep("dual1")),
+        transformer.single_transformer_blocks[0].register_forward_hook(keep("single0")),
+    ]
+    rec = Recorder(CaptureSpec((), (0,), (), (), hidden_layers=(1, 2)), batch=2, token_grid=GRID)
+    with torch.no_grad():
+        plain = transformer(**inputs)[0]
+        remove = HunyuanVideoFamily().capture_transformer(transformer, rec, [700], guidance=False)
+        try:
+            captured = transformer(**inputs)[0]
+        finally:
+            remove()
+            for h in handles:
+                h.remove()
+    assert torch.equal(plain, captured)
+    assert all(not b._forward_hooks for b in HunyuanVideoFamily().blocks(transformer))
+    f, h, w = GRID
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for b in range(2):
+        assert sorted(rec.features[b]) == ["h.layer001.step000", "h.layer002.step000"]
+        for layer, name in ((1, "dual1"), (2, "single0")):
+            video, text = seen[name]
+            assert video.shape == (2, f * h * w, width) and text.shape[1] == TEXT_LEN
+            got = rec.features[b][f"h.layer{layer:03d}.step000"]
+            assert got.dtype == torch.float16
+            assert torch.equal(got, video[b].reshape(f, h * w, width).half())

@@ -377,3 +377,48 @@ def test_tiny_transformer_is_seeded_and_leaves_the_global_rng_alone():
         assert torch.equal(pa, pb), name
     c = build_tiny_wan_transformer(seed=1)
     assert not torch.equal(a.blocks[0].attn1.to_q.weight, c.blocks[0].attn1.to_q.weight)
+
+
+def test_hidden_states_are_the_conditional_pass_block_outputs():
+    """``capture.hidden_layers`` on Wan: the block output (video tokens only; text enters by
+    cross-attention) of the "cond" pass of the feature step, fp16 (token frames, h*w, width);
+    the "uncond" pass and other steps are not kept; the output is unchanged."""
+    transformer = build_tiny_wan_transformer()
+    schedule = [999, 600]
+    latent, text = _inputs()
+    _, negative = _inputs(seed=1)
+    rec = Recorder(CaptureSpec((), (1,), (), (), hidden_layers=(0, 1)), batch=2, token_grid=GRID)
+    seen: list[dict[int, torch.Tensor]] = []
+
+    def keep(layer):
+        def fn(module, args, out):
+            seen[-1][layer] = out.detach().clone()
+
+        return fn
+
+    handles = [transformer.blocks[i].register_forward_hook(keep(i)) for i in (0, 1)]
+    outputs = []
+    remove = WanFamily().capture_transformer(transformer, rec, schedule, guidance=True)
+    try:
+        for t in schedule:
+            for label, emb in (("cond", text), ("uncond", negative)):
+                seen.append({})
+                with transformer.cache_context(label):
+                    outputs.append(_forward(transformer, latent, emb, t=float(t)))
+    finally:
+        remove()
+        for h in handles:
+            h.remove()
+    assert all(not b._forward_hooks for b in transformer.blocks)
+    f, h, w = GRID
+    width = TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]
+    cond, uncond = seen[2], seen[3]  # step 1: "cond" then "uncond"
+    for b in range(2):
+        assert sorted(rec.features[b]) == ["h.layer000.step001", "h.layer001.step001"]
+        for layer in (0, 1):
+            got = rec.features[b][f"h.layer{layer:03d}.step001"]
+            assert cond[layer].shape == (2, f * h * w, width)
+            assert torch.equal(got, cond[layer][b].reshape(f, h * w, width).half())
+            assert not torch.equal(got, uncond[layer][b].reshape(f, h * w, width).half())
+            assert not torch.equal(got, seen[0][layer][b].reshape(f, h * w, width).half())
+    assert torch.equal(outputs[2], _forward(transformer, latent, text, t=600.0))

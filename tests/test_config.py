@@ -65,3 +65,69 @@ def test_bad_config_files(tmp_path):
         resolve_config("tiny-random", y)
     with pytest.raises(UserError, match="unknown preset 'nope'"):
         resolve_config("nope")
+
+
+def test_hidden_layers_are_left_out_of_the_stored_config_until_set():
+    """Builds without ``capture.hidden_layers`` keep the stored config and fingerprint they
+    had before the field existed; a set value is stored and changes the fingerprint."""
+    base = resolve_config("tiny-random")
+    assert base.capture.hidden_layers == []
+    assert "hidden_layers" not in base.to_dict()["capture"]
+    assert set(base.to_dict()["capture"]) == {
+        "feature_layers", "feature_steps", "corr_layers", "corr_steps", "step_unit"
+    }  # fmt: skip
+    on = resolve_config("tiny-random", None, ["capture.hidden_layers=[1]"])
+    assert on.capture.hidden_layers == [1] and on.to_dict()["capture"]["hidden_layers"] == [1]
+    assert on.fingerprint() != base.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["capture.hidden_layers=[-1]"], r"capture.hidden_layers must hold distinct non-neg"),
+        (["capture.hidden_layers=[1,1]"], r"capture.hidden_layers must hold distinct"),
+        (["capture.hidden_layers=x"], r"capture.hidden_layers: expected a list of integers"),
+        (
+            ["capture.hidden_layers=[0]", "capture.feature_steps=[]"],
+            r"capture.hidden_layers \[0\] are captured at capture.feature_steps, which is empty",
+        ),
+    ],
+)
+def test_bad_hidden_layers_are_named(overrides, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config("tiny-random", None, overrides)
+
+
+@pytest.mark.parametrize("preset_name", ["tiny-random", "tiny-random-wan", "tiny-random-hunyuan"])
+def test_hidden_layer_past_the_models_layers_is_one_line(run_cli, tmp_path, preset_name):
+    bank = tmp_path / "bank.txt"
+    bank.write_text("a dog\n")
+    code, _, err = run_cli(
+        "build", "--prompts", bank, "--out", tmp_path / "o", "--dry-run",
+        "--preset", preset_name, "--set", "capture.hidden_layers=[0,9]",
+    )  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "capture layers [9] do not exist" in err and not (tmp_path / "o").exists()
+
+
+def test_dry_run_sizes_hidden_states(tmp_path):
+    """Each hidden (layer, step) adds (token frames x h*w x width) fp16 bytes: half a q/k
+    pair's."""
+    from datagen.build import prepare_build
+
+    bank = tmp_path / "bank.txt"
+    bank.write_text("a dog\n")
+
+    def feature_bytes(*sets):
+        cfg = resolve_config("cogvideox-2b", None, list(sets))
+        return prepare_build(cfg, bank, tmp_path / "o", dry_run=True).plan.feature_bytes_per_sample
+
+    qk = feature_bytes("capture.feature_steps=[40,45]", "capture.feature_layers=[17]")
+    both = feature_bytes(
+        "capture.feature_steps=[40,45]", "capture.feature_layers=[17]",
+        "capture.hidden_layers=[10,17,20]",
+    )  # fmt: skip
+    hidden_only = feature_bytes("capture.feature_steps=[40,45]", "capture.feature_layers=[]",
+                                "capture.hidden_layers=[17]")  # fmt: skip
+    one = 13 * 30 * 45 * 1920 * 2  # token frames x h*w x width (30 heads x 64) x 2 bytes
+    assert qk == 2 * 2 * one and both == qk + 3 * 2 * one and hidden_only == 2 * one

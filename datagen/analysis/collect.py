@@ -25,6 +25,9 @@ SOURCES = ("correspondence", "q/k")
 ARGMAX, SOFT, REFINED = "attention argmax", "attention soft-argmax", "attention soft-argmax r"
 PIXEL, NO_MOTION = "pixel patches", "no motion"
 _FEATURE = re.compile(r"^(q|k)\.layer(\d+)\.step(\d+)$")
+HIDDEN, COSINE = "features", "cosine argmax"
+"""Source and tracker of matches by cosine similarity of stored block outputs (``h.*``)."""
+_HIDDEN = re.compile(r"^h\.layer(\d+)\.step(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class Study:
     """Frame-0 points of used videos left out, by reason."""
     feature_pairs: list[tuple[int, int]] = field(default_factory=list)
     """(layer, step) pairs whose q/k were read."""
+    hidden: dict[str, dict[tuple[int, int], np.ndarray]] = field(default_factory=dict)
+    """group -> (layer, step) -> sums of matches by cosine similarity of stored block outputs
+    (matching fields only; no reverse accuracy)."""
+    hidden_pairs: list[tuple[int, int]] = field(default_factory=list)
+    """(layer, step) pairs whose block outputs were read."""
 
     @property
     def groups(self) -> list[str]:
@@ -120,6 +128,12 @@ def feature_pairs(features: dict[str, Any]) -> list[tuple[int, int]]:
         if m:
             have.setdefault((int(m.group(2)), int(m.group(3))), set()).add(m.group(1))
     return sorted(p for p, kinds in have.items() if kinds == {"q", "k"})
+
+
+def hidden_pairs(features: dict[str, Any]) -> list[tuple[int, int]]:
+    """(layer, step) pairs with a stored block output (``h.layerLLL.stepSSS``)."""
+    found = (_HIDDEN.match(name) for name in features)
+    return sorted((int(m.group(1)), int(m.group(2))) for m in found if m)
 
 
 def select_points(
@@ -304,6 +318,8 @@ class _Collector:
                 vis,
             )
 
+        self.hidden_features(feats, qxy, pairs, groups, score)
+
         all_visible = np.ones((rows.size, len(zs.anchors(layout))), bool)
         still = np.repeat(qtok[:, None], layout.token_grid[0], axis=1)
         self.add_keyed(study.baselines, groups, NO_MOTION, st.match_sums(still, pairs, layout, thr))
@@ -313,6 +329,24 @@ class _Collector:
             pm = zs.pixel_patch_matches(np.asarray(frames), qxy, layout)
             self.add_keyed(study.baselines, groups, PIXEL, st.match_sums(pm, pairs, layout, thr))
             score(PIXEL, "", -1, -1, zs.tracks_from_tokens(pm, qxy, layout), all_visible)
+
+
+    def hidden_features(self, feats: dict[str, Any], qxy, pairs, groups, score) -> None:
+        """Matching sums and argmax tracks of one video from its stored block outputs, by
+        cosine similarity (:func:`datagen.analysis.zeroshot.feature_matches`)."""
+        study = self.study
+        layout = study.layout
+        assert layout is not None
+        uniq, inv = np.unique(layout.token_index_of_pixel(qxy), return_inverse=True)
+        for layer, step in hidden_pairs(feats):
+            if (layer, step) not in study.hidden_pairs:
+                study.hidden_pairs.append((layer, step))
+            m = zs.feature_matches(feats[f"h.layer{layer:03d}.step{step:03d}"], uniq)
+            match, reverse = m.match[inv], m.reverse[inv]
+            sums = st.match_sums(match, pairs, layout, study.threshold_px)
+            self.add_keyed(study.hidden, groups, (layer, step), sums)
+            vis = zs.cycle_visible(reverse, qxy, layout)
+            score(COSINE, HIDDEN, layer, step, zs.tracks_from_tokens(match, qxy, layout), vis)
 
 
 def collect(source: Any, options: StudyOptions | None = None) -> tuple[Study, dict[str, Any]]:

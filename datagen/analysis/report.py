@@ -282,8 +282,14 @@ def render_html(data: dict[str, Any]) -> str:
         f"<h1>Correspondence study of <code>{_esc(data['build']['source'])}</code></h1>",
         f'<p>config fingerprint <code id="fingerprint">{_esc(fp)}</code>; '
         f"layers {_esc(data['layers'])} x steps {_esc(data['steps'])} "
-        f"(timesteps {_esc(data['timesteps'])}); q/k stored for {_esc(data['feature_pairs'])}."
-        "</p>",
+        f"(timesteps {_esc(data['timesteps'])}); q/k stored for {_esc(data['feature_pairs'])}"
+        + (
+            f"; block-output features (matched by cosine, rows \"features\") stored for "
+            f"{_esc(data['hidden_pairs'])}"
+            if data.get("hidden_pairs")
+            else ""
+        )
+        + ".</p>",
         "<h2>Summary</h2>",
         _summary(data),
         *[f'<p class="note">Note: {_esc(n)}.</p>' for n in data["notes"]],

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from datagen.analysis import study as st
-from datagen.analysis.collect import GROUP_ALL, SOURCES, Study
+from datagen.analysis.collect import GROUP_ALL, HIDDEN, SOURCES, Study
 from datagen.analysis.tapvid import DELTAS, evaluate_videos
 
 FORMAT = "datagen-analysis-report/1"
@@ -51,7 +51,8 @@ def _metric_row(sums: np.ndarray) -> dict[str, Any]:
 
 
 def matching_rows(study: Study) -> list[dict[str, Any]]:
-    """One row per group x source x (layer, step), then the baselines (layer and step None)."""
+    """One row per group x source x (layer, step) (correspondence, q/k, block-output features
+    by cosine), then the baselines (layer and step None)."""
     rows = []
     for g in study.groups:
         for li, layer in enumerate(study.layers):
@@ -61,6 +62,10 @@ def matching_rows(study: Study) -> list[dict[str, Any]]:
                 rows.append(head | _metric_row(study.corr[g][li, si]))
         for (layer, step), sums in sorted(study.qk.get(g, {}).items()):
             head = {"group": g, "source": SOURCES[1], "method": "attention", "layer": layer}
+            head |= {"step": step, "timestep": _timestep(study, step)}
+            rows.append(head | _metric_row(sums))
+        for (layer, step), sums in sorted(study.hidden.get(g, {}).items()):
+            head = {"group": g, "source": HIDDEN, "method": "cosine", "layer": layer}
             head |= {"step": step, "timestep": _timestep(study, step)}
             rows.append(head | _metric_row(sums))
         for name, sums in sorted(study.baselines.get(g, {}).items()):
@@ -136,7 +141,9 @@ def best_tracker(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     att = [
         r
         for r in rows
-        if r["group"] == GROUP_ALL and r["source"] != "baseline" and r["labels"] == "own"
+        if r["group"] == GROUP_ALL
+        and r["source"] not in ("baseline", HIDDEN)
+        and r["labels"] == "own"
     ]
     att = [r for r in att if r["delta_avg"] is not None]
     return max(att, key=lambda r: r["delta_avg"]) if att else None
@@ -202,6 +209,7 @@ def report_data(
         "steps": study.steps,
         "timesteps": study.timesteps,
         "feature_pairs": [list(p) for p in study.feature_pairs],
+        "hidden_pairs": [list(p) for p in study.hidden_pairs],
         "counts": {
             "videos_used": len(study.videos),
             "videos_excluded": len(study.excluded),

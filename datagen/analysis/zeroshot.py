@@ -18,6 +18,9 @@ Trackers (positions in raster pixels through the layout):
 * **pixel patches** (baseline): argmax cosine similarity of zero-mean RGB patches of one token's
   extent, from the query's token on frame 0 to every token of the anchor frame;
 * **no motion** (baseline): the query position on every frame.
+* **cosine argmax** (source "features", ``capture.hidden_layers``): the centre of the token of
+  the anchor frame whose stored block-output features are most cosine-similar to the query's
+  frame-0 token (:func:`feature_matches`); visibility by the same cycle consistency.
 
 Predicted visibility, for AJ and OA: attention tracks are visible where the match is
 cycle-consistent (the matched token's own reverse match to frame 0 lies within one token of
@@ -103,6 +106,46 @@ def qk_matches(
             back = torch.softmax(torch.bmm(qf, k0.transpose(1, 2)) * scale, dim=-1).mean(0)
             reverse[n0 : n0 + sel.numel(), f] = back.argmax(-1).numpy()
     return QKMatches(match, refined, reverse)
+
+
+@dataclass(frozen=True)
+class FeatureMatches:
+    """Forward matches of N frame-0 query tokens by cosine similarity of stored block outputs
+    (``capture.hidden_layers``), on all F token frames."""
+
+    match: np.ndarray
+    """(N, F) int64: the token of frame f most cosine-similar to the query's frame-0 token."""
+    reverse: np.ndarray
+    """(N, F) int64: the frame-0 token most cosine-similar to the matched token."""
+
+
+def feature_matches(hidden, query_tokens: np.ndarray, chunk: int = 256) -> FeatureMatches:
+    """Forward and reverse matches from one block's output features ``hidden`` (F, h*w, dim)
+    (numpy or torch, any float dtype; fp16 as stored), by cosine similarity: the query's
+    frame-0 token against every token of frame f, argmax (the matching :func:`qk_matches`
+    does with attention). Memory: ``chunk x h*w`` float32 similarities at a time."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        ht = hidden if isinstance(hidden, torch.Tensor) else torch.as_tensor(np.asarray(hidden))
+    ht = ht.float()
+    unit = ht / ht.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    frames = unit.shape[0]
+    toks = torch.as_tensor(np.asarray(query_tokens, np.int64))
+    n = toks.numel()
+    match = np.zeros((n, frames), np.int64)
+    reverse = np.zeros((n, frames), np.int64)
+    u0 = unit[0]
+    for n0 in range(0, n, chunk):
+        q0 = u0[toks[n0 : n0 + chunk]]
+        for f in range(frames):
+            m = (q0 @ unit[f].T).argmax(-1)
+            match[n0 : n0 + q0.shape[0], f] = m.numpy()
+            reverse[n0 : n0 + q0.shape[0], f] = (unit[f][m] @ u0.T).argmax(-1).numpy()
+    return FeatureMatches(match, reverse)
 
 
 def _window_mean(p, m, h: int, w: int, radius: int, centres):

@@ -26,10 +26,11 @@ def capture_spec(cfg: BuildConfig) -> CaptureSpec:
     c = cfg.capture
     return CaptureSpec(
         feature_layers=tuple(c.feature_layers) if c.feature_steps else (),
-        feature_steps=tuple(c.feature_steps) if c.feature_layers else (),
+        feature_steps=tuple(c.feature_steps) if c.feature_layers or c.hidden_layers else (),
         corr_layers=tuple(c.corr_layers) if c.corr_steps else (),
         corr_steps=tuple(c.corr_steps) if c.corr_layers else (),
         step_unit=c.step_unit,
+        hidden_layers=tuple(c.hidden_layers) if c.feature_steps else (),
     )
 
 
@@ -43,7 +44,8 @@ class CaptureProducts:
     correspondence: bytes | None
     """The core member ``corr.safetensors`` (None: no correspondence asked for)."""
     features: bytes | None
-    """The features member, q/k safetensors (None: no features asked for)."""
+    """The features member, q/k (and hidden-state) safetensors (None: no features asked
+    for)."""
 
 
 def frame0_tokens(layout: TokenLayout, queries: np.ndarray) -> np.ndarray:
@@ -77,7 +79,8 @@ def token_rows(layout: TokenLayout, tokens: torch.Tensor, queries: np.ndarray) -
 def capture_products(
     spec: CaptureSpec, recorder: Recorder, b: int, rows: np.ndarray
 ) -> CaptureProducts:
-    """Video ``b``'s capture metadata, correspondence safetensors and q/k safetensors.
+    """Video ``b``'s capture metadata, correspondence safetensors and features safetensors
+    (q/k, and block outputs ``h.layerLLL.stepSSS`` of ``spec.hidden_layers``).
 
     ``rows``: for each of the video's frame-0 queries, in order, its index among
     ``recorder.query_tokens`` (the arrays are stored per query point).
@@ -99,7 +102,7 @@ def capture_products(
             metadata={"layers_steps": json.dumps({"layers": layers, "steps": steps})},
         )
     feats = None
-    if spec.feature_layers:
+    if spec.has_features:
         feats = safetensors.torch.save(recorder.features[b])
     meta = {
         "corr_layers": layers,

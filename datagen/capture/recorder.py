@@ -26,20 +26,32 @@ class CaptureSpec:
     corr_steps: tuple[int, ...]
     step_unit: str = "index"
     """'index' (0-based denoising step) or 'timestep' (scheduler timestep; nearest step)."""
+    hidden_layers: tuple[int, ...] = ()
+    """Blocks whose output hidden states (video tokens) are kept, at ``feature_steps``."""
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layers whose attention gets a capture processor (q/k)."""
         return tuple(sorted(set(self.feature_layers) | set(self.corr_layers)))
 
     @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Every layer captured from: attention processors and block-output hooks."""
+        return tuple(sorted(set(self.layers) | set(self.hidden_layers)))
+
+    @property
+    def has_features(self) -> bool:
+        """Whether anything goes to the features shards (q/k or hidden states)."""
+        return bool(self.feature_steps and (self.feature_layers or self.hidden_layers))
+
+    @property
     def enabled(self) -> bool:
-        return bool(
-            (self.feature_layers and self.feature_steps) or (self.corr_layers and self.corr_steps)
-        )
+        return self.has_features or bool(self.corr_layers and self.corr_steps)
 
 
 def feature_name(kind: str, layer: int, step: int) -> str:
-    """Tensor name in the features safetensors: e.g. ``q.layer017.step049``."""
+    """Tensor name in the features safetensors: e.g. ``q.layer017.step049``; kinds ``q``,
+    ``k`` (attention) and ``h`` (block output hidden states)."""
     return f"{kind}.layer{layer:03d}.step{step:03d}"
 
 
@@ -94,6 +106,26 @@ class Recorder:
     def _wants_features(self, layer: int) -> bool:
         steps = self._wanted_feature_steps or set()
         return layer in self.spec.feature_layers and self.step in steps
+
+    def wants_hidden(self, layer: int) -> bool:
+        """Whether this forward keeps ``layer``'s block output (conditional branch only)."""
+        steps = self._wanted_feature_steps or set()
+        return self.cond is not None and layer in self.spec.hidden_layers and self.step in steps
+
+    def record_hidden(self, layer: int, video: torch.Tensor) -> None:
+        """Receive one block's output video tokens, (batch of the whole forward, F*h*w, dim)
+        frame-major; keeps the conditional rows as fp16 (token frames, h*w, dim) copies."""
+        f, h, w = self.token_grid
+        rows = video[self.cond]
+        if rows.shape[1] != f * h * w:
+            raise RuntimeError(
+                f"layer {layer}: the block output has {rows.shape[1]} video tokens, but the "
+                f"token grid {self.token_grid} has {f * h * w}"
+            )
+        for b in range(rows.shape[0]):
+            self.features[b][feature_name("h", layer, self.step)] = (
+                rows[b].detach().reshape(f, h * w, -1).to("cpu", torch.float16, copy=True)
+            ).contiguous()
 
     def _wants_corr(self, layer: int) -> bool:
         steps = self._wanted_corr_steps or set()

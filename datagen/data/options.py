@@ -44,23 +44,30 @@ class VideoSpec:
             raise ValueError(f"VideoSpec.size must be (height, width), got {self.size}")
 
 
+FEATURE_KINDS = ("q", "k", "h")
+"""Tensor kinds of the features shard: attention queries, keys, block output hidden states."""
 _NAME = re.compile(r"^([a-z]+)\.layer(\d+)\.step(\d+)$")
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which q/k tensors to read from the features shard (None: all). Tensor names are
-    ``{kind}.layer{LLL}.step{SSS}``; each is fp16 (heads, token frames, h*w, head dim)."""
+    """Which tensors to read from the features shard (None: all). Tensor names are
+    ``{kind}.layer{LLL}.step{SSS}``; kinds ``q`` and ``k`` are fp16 (heads, token frames, h*w,
+    head dim), ``h`` (block output hidden states, ``capture.hidden_layers``) fp16 (token
+    frames, h*w, model width)."""
 
     layers: tuple[int, ...] | None = None
     steps: tuple[int, ...] | None = None
-    kinds: tuple[str, ...] = ("q", "k")
+    kinds: tuple[str, ...] = FEATURE_KINDS
 
     def __post_init__(self) -> None:
         for name in ("layers", "steps", "kinds"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        bad = [k for k in self.kinds if k not in FEATURE_KINDS]
+        if bad:
+            raise ValueError(f"FeatureSpec.kinds {bad} are not among {', '.join(FEATURE_KINDS)}")
 
     def wants(self, name: str) -> bool:
         m = _NAME.match(name)

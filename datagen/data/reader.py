@@ -65,7 +65,8 @@ class Dataset:
     by default); ``tracks`` float32 (N, T, 2) (x, y) raster pixels; ``visible`` bool (N, T);
     ``queries`` float32 (N, 3) (t, x, y); ``confidence`` float32 (N, T); ``correspondence``
     name -> array (layers, steps, ...) (builds that capture it); ``meta`` (the sample's JSON);
-    ``features`` name -> fp16 (heads, token frames, h*w, head dim); ``mp4`` bytes; any other
+    ``features`` name -> fp16 q/k (heads, token frames, h*w, head dim) and hidden states
+    (token frames, h*w, width) (see :class:`FeatureSpec`); ``mp4`` bytes; any other
     ``NAME.npy`` member of the build as ``NAME`` when asked for in ``fields``.
     """
 
@@ -86,7 +87,8 @@ class Dataset:
             if lacking:
                 raise UserError(
                     f"{name}: features asked for, but {lacking[0]} has no features shard "
-                    "(build with capture.feature_layers set, or pass features=False)"
+                    "(build with capture.feature_layers or hidden_layers set, or pass "
+                    "features=False)"
                 )
 
     def __getstate__(self) -> dict[str, Any]:  # for spawned DataLoader workers

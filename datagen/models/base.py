@@ -187,6 +187,16 @@ class ModelFamily(ABC):
         """An attention processor for ``layer`` that computes exactly what ``replaced`` does
         and hands its q/k/v to ``recorder``."""
 
+    @abstractmethod
+    def blocks(self, transformer: Any) -> list[Any]:
+        """The transformer blocks in ``capture.*_layers`` order (block ``i`` holds attention
+        layer ``i``); ``capture.hidden_layers`` hooks their outputs."""
+
+    def block_video_tokens(self, output: Any) -> Tensor:
+        """The video tokens (B, F*h*w, dim), frame-major, of one block's output. Default: the
+        output itself, or its first element (blocks that return (video, text))."""
+        return output[0] if isinstance(output, tuple) else output
+
     def layer_description(self, count: int, transformer: Any | None) -> str:
         """How the ``count`` layers are numbered, for the message refusing a layer."""
         return f"{self.title} has {count} layers (0..{count - 1})"
@@ -203,21 +213,36 @@ class ModelFamily(ABC):
         return None if label == "uncond" else slice(0, batch)
 
     def install_processors(self, transformer: Any, recorder: Recorder) -> Callable[[], None]:
-        """Capture processors on the recorder's layers (no step counting); returns the undo."""
+        """Capture processors on the recorder's layers, and forward hooks on the blocks of its
+        hidden layers (no step counting); returns the undo."""
         attns = self.attention_layers(transformer)
         count = len(attns)
-        check_layers(recorder.spec.layers, count, self.layer_description(count, transformer))
+        check_layers(recorder.spec.all_layers, count, self.layer_description(count, transformer))
         for i in recorder.spec.layers:
             self.check_layer(i, attns[i])
         originals = {i: attns[i].processor for i in recorder.spec.layers}
         for i, proc in originals.items():
             attns[i].set_processor(self.capture_processor(recorder, i, proc))
+        handles = []
+        if recorder.spec.hidden_layers:
+            blocks = self.blocks(transformer)
+            for i in recorder.spec.hidden_layers:
+                handles.append(blocks[i].register_forward_hook(self._hidden_hook(recorder, i)))
 
         def restore() -> None:
+            for handle in handles:
+                handle.remove()
             for i, proc in originals.items():
                 attns[i].set_processor(proc)
 
         return restore
+
+    def _hidden_hook(self, recorder: Recorder, layer: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if recorder.wants_hidden(layer):
+                recorder.record_hidden(layer, self.block_video_tokens(output))
+
+        return hook
 
     def capture_transformer(
         self, transformer: Any, recorder: Recorder, schedule: Schedule, guidance: bool

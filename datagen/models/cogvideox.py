@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datagen.capture.recorder import Recorder
+from datagen.capture.recorder import CaptureSpec, Recorder
 from datagen.config import TINY_MODEL_ID, TRAINED_TINY_ID, GenerationConfig, ModelConfig
 from datagen.errors import UserError
 from datagen.layout import TokenLayout
@@ -168,6 +168,9 @@ class CogVideoXFamily(ModelFamily):
     def attention_layers(self, transformer: Any) -> list[Any]:
         return [block.attn1 for block in transformer.transformer_blocks]
 
+    def blocks(self, transformer: Any) -> list[Any]:
+        return list(transformer.transformer_blocks)
+
     def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
         return CogVideoXCaptureProcessor(recorder, layer)
 
@@ -291,10 +294,9 @@ class _QKCollector:
     row (one forward, no CFG split): for analysis and training-time evaluation."""
 
     def __init__(self, token_grid: tuple[int, int, int], layers: list[int]):
-        from types import SimpleNamespace
-
         self.token_grid = token_grid
-        self.spec = SimpleNamespace(layers=tuple(layers))
+        # Only which layers get a processor matters here (``wants`` takes every call).
+        self.spec = CaptureSpec(tuple(layers), (0,), (), ())
         self.cond = slice(None)
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -355,6 +355,10 @@ class HunyuanVideoFamily(ModelFamily):
             f"{n_dual}..{count - 1} single-stream)"
         )
 
+    def blocks(self, transformer: Any) -> list[Any]:
+        """Dual-stream, then single-stream blocks; both return (video, text)."""
+        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
     def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
         return HunyuanCaptureProcessor(recorder, layer, like=replaced)
 

@@ -146,6 +146,10 @@ class WanFamily(ModelFamily):
                 "model.family=wan cannot capture it"
             )
 
+    def blocks(self, transformer: Any) -> list[Any]:
+        """``blocks[i]``; each returns the video tokens alone."""
+        return list(transformer.blocks)
+
     def capture_processor(self, recorder: Recorder, layer: int, replaced: Any) -> Any:
         return WanCaptureProcessor(recorder, layer, like=replaced)
 
