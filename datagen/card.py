@@ -148,12 +148,15 @@ def card_text(
         f"{c['cause']} {c['samples']} ({c.get('meaning', '')})".replace(" ()", "")
         for c in verdicts.get("top_causes", [])
     )
-    table = ["| category | samples | visible fraction | motion (px, median) | QC verdicts |"]
-    table.append("|---|---|---|---|---|")
+    table = [
+        "| category | samples checked | visible fraction | motion (px, median) | QC verdicts |",
+        "|---|---|---|---|---|",
+    ]
     for r in stats:
         v = ", ".join(f"{k} {c}" for k, c in sorted(r["qc"].items()))
+        vis = "-" if r["visible_fraction"] is None else f"{r['visible_fraction']:.3f}"
         table.append(
-            f"| {r['category']} | {r['samples']} | {r['visible_fraction']:.3f} | "
+            f"| {r['category']} | {r['samples']} | {vis} | "
             f"{r['motion_median'] if r['motion_median'] is not None else '-'} | {v} |"
         )
     bank = manifest["prompt_bank"]
@@ -195,6 +198,9 @@ captured while it generated them and pseudo ground-truth point tracks, made by
 ## Statistics per prompt category
 
 {nl.join(table)}
+
+Visible fraction and motion are over the samples this release holds; samples that quality
+control rejected and the build dropped (`qc.rejected=drop`) count only in the verdicts.
 
 ![samples per category](stats/categories.png)
 ![visible fraction and motion over samples](stats/samples.png)

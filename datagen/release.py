@@ -109,6 +109,19 @@ def _calibration(path: Path | None, build: Path, manifest: dict[str, Any]) -> di
     return report
 
 
+def _categories(prompts: Path) -> dict[str, str]:
+    """Prompt id -> category of the banks in the release's prompts folder (any of them)."""
+    if not prompts.is_dir():
+        return {}
+    out: dict[str, str] = {}
+    for folder in [prompts, *sorted(p for p in prompts.iterdir() if p.is_dir())]:
+        try:
+            out.update({p.id: p.category for p in load_prompts(folder)})
+        except UserError:
+            continue  # a folder holding only sub-folders
+    return out
+
+
 def _copy_prompts(prompts: Path, dst: Path, version: str) -> str:
     """Copies the bank into ``dst``; returns its name there (a clash gets a version prefix)."""
     dst.mkdir(exist_ok=True)
@@ -199,7 +212,7 @@ def _write(tmp, build, manifest, rel, renames, earlier, name, version, license_i
     if cal is not None:
         (tmp / "stats").mkdir()
         atomic_write(tmp / "stats" / "calibration.json", json_bytes(cal))
-    stats = write_stats(tmp / "stats", sample_rows(data, rel))
+    stats = write_stats(tmp / "stats", sample_rows(data, rel, _categories(tmp / "prompts")))
     today = date.today().isoformat()
     what = (
         f"{manifest['totals']['samples']} samples in {manifest['totals']['shards']} core shards "

@@ -413,3 +413,44 @@ def test_bad_extensions_are_refused_in_one_line(run_cli, build, release, tmp_pat
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert message.replace("BUILD", str(build[0])) in err
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+
+
+def test_stats_count_samples_a_drop_build_left_out_by_the_banks_categories(run_cli, tmp_path):
+    """qc.rejected=drop: rejected samples are not in the shards, yet the release's verdict
+    counts hold them, per category from the prompt bank (unknown without it)."""
+    bank = tmp_path / "bank.jsonl"
+    bank.write_text(
+        '{"id": "a1", "prompt": "a red ball rolls left", "category": "objects"}\n'
+        '{"id": "a2", "prompt": "a dog runs across a field", "category": "animals"}\n'
+        '{"id": "a3", "prompt": "a cat jumps", "category": "animals"}\n'
+    )
+    out = tmp_path / "ds"
+    code, _, err = run_cli("build", "--prompts", bank, "--out", out, "--preset", "tiny-random",
+                           "--quiet", "--set", "qc.rejected=drop")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    dropped = {r["key"] for r in manifest["rejected"] if r["stage"] == "qc"}
+    assert dropped, "tiny-random's noise videos are rejected (this test needs some)"
+    written = manifest["totals"]["samples"]
+    category = {"a1": "objects", "a2": "animals", "a3": "animals"}
+    want: dict = {}
+    for key in dropped:
+        c = want.setdefault(category[key.split("-r")[0]], {})
+        c["rejected (dropped)"] = c.get("rejected (dropped)", 0) + 1
+    for with_bank in (True, False):
+        rel = tmp_path / f"rel{with_bank}"
+        extra = ["--prompts", bank] if with_bank else []
+        code, _, err = run_cli("release", out, "--name", "t", "--version", "1.0.0", "--license",
+                               "mit", "--out", rel, *extra)  # fmt: skip
+        assert code == 0, err
+        stats = json.loads((rel / "stats" / "categories.json").read_text())
+        assert sum(r["samples"] for r in stats) == 3
+        got = {r["category"]: {k: v for k, v in r["qc"].items() if k != "accepted"}
+               for r in stats}  # fmt: skip
+        got = {c: v for c, v in got.items() if v}
+        if with_bank:
+            assert got == want
+        else:
+            assert got == {"(unknown: prompt bank not included)": {"rejected (dropped)":
+                                                                    len(dropped)}}  # fmt: skip
+        assert sum(r["qc"].get("accepted", 0) for r in stats) == written
