@@ -223,6 +223,8 @@ it = wds.WebDataset("data/core-{{000000..{len(core) - 1:06d}}}.tar")
 
 import datasets                                   # pip install 'datagen[hf]' (torchcodec)
 core = datasets.load_dataset("PATH/OR/HUB/ID", "core", split="train")
+# (datasets caches a local folder by its name and config, not its content: after re-making a
+#  release in a folder of the same name, pass download_mode="force_redownload")
 frames = core[0]["mp4"].get_frames_in_range(0, {g["num_frames"]}).data   # uint8 (T, 3, H, W)
 # without torchcodec, keep the video as bytes:
 core = core.cast_column("mp4", datasets.Video(decode=False))

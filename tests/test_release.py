@@ -68,14 +68,19 @@ def test_release_verifies_fully_and_quickly(run_cli, release):
         assert "verified release" in text
 
 
-def test_datasets_loads_both_configs_offline_with_every_key_once(release, monkeypatch):
+# datasets 5.2 caches a local folder by its name and config, not its content (two releases in
+# folders of the same name share a cache entry), so every load here gets its own cache_dir.
+
+
+def test_datasets_loads_both_configs_offline_with_every_key_once(release, monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    core = datasets.load_dataset(str(release), "core", split="train")
+    hf = str(tmp_path / "hf")
+    core = datasets.load_dataset(str(release), "core", split="train", cache_dir=hf)
     keys = core["__key__"]
     assert len(keys) == 3 and len(set(keys)) == 3
-    feats = datasets.load_dataset(str(release), "features", split="train")
+    feats = datasets.load_dataset(str(release), "features", split="train", cache_dir=hf)
     assert sorted(feats["__key__"]) == sorted(keys)
 
 
@@ -236,7 +241,7 @@ list(mlc.Dataset({str(copy / "croissant.json")!r}).records("core_json"))
     assert "core-000000.tar is not identical with the reference" in run.stderr
 
 
-def test_datasets_rows_decode_videos_with_the_hf_extra(release, monkeypatch):
+def test_datasets_rows_decode_videos_with_the_hf_extra(release, monkeypatch, tmp_path):
     """With torchcodec (the [hf] extra) the mp4 column decodes to the same frames datagen's
     own reader gives (both decode with FFmpeg); without decoding it is the member's bytes."""
     datasets = pytest.importorskip("datasets")
@@ -250,7 +255,7 @@ def test_datasets_rows_decode_videos_with_the_hf_extra(release, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    core = datasets.load_dataset(str(release), "core", split="train")
+    core = datasets.load_dataset(str(release), "core", split="train", cache_dir=str(tmp_path))
     ours = {s["key"]: s for s in datagen.open_dataset(release / "data")}
     for row in core:
         frames = ours[row["__key__"]]["frames"]
@@ -354,15 +359,18 @@ def test_an_extended_release_holds_both_versions_and_both_verify(run_cli, releas
     assert sorted(p.name for p in (rel2 / "prompts").iterdir()) == ["bank.txt", "more.txt"]
 
 
-def test_an_extended_release_loads_everywhere_with_every_key_once(release, extended, monkeypatch):
+def test_an_extended_release_loads_everywhere_with_every_key_once(
+    release, extended, monkeypatch, tmp_path
+):
     datasets = pytest.importorskip("datasets")
     import datagen
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rel2 = extended[1]
-    core = datasets.load_dataset(str(rel2), "core", split="train")
-    feats = datasets.load_dataset(str(rel2), "features", split="train")
+    hf = str(tmp_path / "hf")
+    core = datasets.load_dataset(str(rel2), "core", split="train", cache_dir=hf)
+    feats = datasets.load_dataset(str(rel2), "features", split="train", cache_dir=hf)
     assert len(set(core["__key__"])) == 5 == len(core)
     assert sorted(feats["__key__"]) == sorted(core["__key__"])
     ours = [s["key"] for s in datagen.open_dataset(rel2 / "data", video=False)]
