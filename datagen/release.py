@@ -166,6 +166,13 @@ def make_release(
             f"run datagen validate {build}"
         )
     manifest = json_value((build / MANIFEST).read_bytes())
+    if manifest["totals"]["samples"] == 0:
+        checked = (manifest.get("qc") or {}).get("checked", 0)
+        raise UserError(
+            f"{build} holds no samples in its core shards (quality control rejected "
+            f"{checked} of {checked}): nothing to release; look at the build's warning line "
+            "and its videos (datagen inspect --png)"
+        )
     bank = None
     if prompts is not None:
         bank = load_prompts(prompts)

@@ -423,24 +423,34 @@ def test_bad_extensions_are_refused_in_one_line(run_cli, build, release, tmp_pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
 
 
-def test_stats_count_samples_a_drop_build_left_out_by_the_banks_categories(run_cli, tmp_path):
-    """qc.rejected=drop: rejected samples are not in the shards, yet the release's verdict
-    counts hold them, per category from the prompt bank (unknown without it)."""
+def _drop_build(tmp_path, run_cli, min_kept: float):
+    """tiny-random (noise: points are lost after a frame or two) with qc.rejected=drop and
+    thresholds that accept some samples: min_kept 0.03 accepts 3 of these 4, 0.09 none."""
     bank = tmp_path / "bank.jsonl"
     bank.write_text(
         '{"id": "a1", "prompt": "a red ball rolls left", "category": "objects"}\n'
         '{"id": "a2", "prompt": "a dog runs across a field", "category": "animals"}\n'
         '{"id": "a3", "prompt": "a cat jumps", "category": "animals"}\n'
+        '{"id": "a4", "prompt": "a car drives right", "category": "vehicles"}\n'
     )
     out = tmp_path / "ds"
     code, _, err = run_cli("build", "--prompts", bank, "--out", out, "--preset", "tiny-random",
-                           "--quiet", "--set", "qc.rejected=drop")  # fmt: skip
+                           "--quiet", "--set", "qc.rejected=drop", "--set", "qc.check_cycle=false",
+                           "--set", "qc.min_visible_fraction=0.2", "--set",
+                           f"qc.min_kept_fraction={min_kept}")  # fmt: skip
     assert code == 0, err
+    return bank, out
+
+
+def test_stats_count_samples_a_drop_build_left_out_by_the_banks_categories(run_cli, tmp_path):
+    """qc.rejected=drop: rejected samples are not in the shards, yet the release's verdict
+    counts hold them, per category from the prompt bank (unknown without it)."""
+    bank, out = _drop_build(tmp_path, run_cli, 0.03)
     manifest = json.loads((out / "manifest.json").read_text())
     dropped = {r["key"] for r in manifest["rejected"] if r["stage"] == "qc"}
-    assert dropped, "tiny-random's noise videos are rejected (this test needs some)"
     written = manifest["totals"]["samples"]
-    category = {"a1": "objects", "a2": "animals", "a3": "animals"}
+    assert dropped and written, "this test needs both verdicts"
+    category = {"a1": "objects", "a2": "animals", "a3": "animals", "a4": "vehicles"}
     want: dict = {}
     for key in dropped:
         c = want.setdefault(category[key.split("-r")[0]], {})
@@ -452,7 +462,7 @@ def test_stats_count_samples_a_drop_build_left_out_by_the_banks_categories(run_c
                                "mit", "--out", rel, *extra)  # fmt: skip
         assert code == 0, err
         stats = json.loads((rel / "stats" / "categories.json").read_text())
-        assert sum(r["samples"] for r in stats) == 3
+        assert sum(r["samples"] for r in stats) == 4
         got = {r["category"]: {k: v for k, v in r["qc"].items() if k != "accepted"}
                for r in stats}  # fmt: skip
         got = {c: v for c, v in got.items() if v}
@@ -462,3 +472,12 @@ def test_stats_count_samples_a_drop_build_left_out_by_the_banks_categories(run_c
             assert got == {"(unknown: prompt bank not included)": {"rejected (dropped)":
                                                                     len(dropped)}}  # fmt: skip
         assert sum(r["qc"].get("accepted", 0) for r in stats) == written
+
+
+def test_a_build_with_no_sample_left_is_not_released(run_cli, tmp_path):
+    _, out = _drop_build(tmp_path, run_cli, 0.09)
+    code, _, err = run_cli("release", out, "--name", "t", "--version", "1.0.0", "--license", "mit",
+                           "--out", tmp_path / "rel")  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds no samples in its core shards (quality control rejected 4 of 4)" in err
+    assert not (tmp_path / "rel").exists() and not (tmp_path / "rel.partial").exists()
