@@ -90,6 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-t", type=int, nargs="+", default=[100, 300, 500, 800])
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model trains (cpu, cuda, cuda:1 ...); the video pool, the random "
+        "streams and evaluation stay on the CPU, so a run's batches are the same on any device",
+    )
     p.add_argument("--export", type=Path, help="write the EMA weights as a pipeline folder")
     return p.parse_args(argv)
 
@@ -187,7 +193,7 @@ def export(ema_model, folder: Path) -> None:
     """EMA weights as a CogVideoXPipeline folder, transformer in fp16 safetensors."""
     import copy
 
-    transformer = copy.deepcopy(ema_model).to(torch.float16).eval()
+    transformer = copy.deepcopy(ema_model).to("cpu", torch.float16).eval()
     pipe = tiny_dit.build_pipeline(transformer=transformer)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -216,10 +222,12 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     pipe = tiny_dit.build_pipeline(seed=args.seed)
+    device = torch.device(args.device)
     model = pipe.transformer.train()
     if args.init_from is not None:
         init_from(model, args.init_from)
-    ema = tiny_dit.build_pipeline(seed=args.seed).transformer.eval()
+    model.to(device)
+    ema = tiny_dit.build_pipeline(seed=args.seed).transformer.eval().to(device)
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -232,11 +240,11 @@ def main(argv=None) -> int:
     elapsed_before = 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)  # tensors and numbers only
+        state = torch.load(ckpt, weights_only=True, map_location=device)  # tensors, numbers
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         step = state["step"]
         elapsed_before = state["elapsed"]
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
@@ -259,7 +267,10 @@ def main(argv=None) -> int:
     eval_emb = tiny_dit.encode_captions(pipe, [tiny_dit.caption(video, s) for s in eval_seeds])
 
     def evaluate(models: dict) -> dict:
-        table = tiny_dit.evaluate_matching(models, eval_videos, eval_emb, scheduler, args.eval_t)
+        import copy
+
+        on_cpu = {k: copy.deepcopy(m).cpu() for k, m in models.items()}  # evaluation is CPU code
+        table = tiny_dit.evaluate_matching(on_cpu, eval_videos, eval_emb, scheduler, args.eval_t)
         return table.to_json()
 
     log = (out / "log.jsonl").open("a")
@@ -304,7 +315,10 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         xin = tiny_dit.with_first_frame(xt, x0)
-        pred = model(hidden_states=xin, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        xin, emb, target = xin.to(device), emb.to(device), target.to(device)
+        pred = model(
+            hidden_states=xin, encoder_hidden_states=emb, timestep=t.to(device), return_dict=False
+        )[0]
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
