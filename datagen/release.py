@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from datagen.card import CARD, card_text
+from datagen.card import CARD, card_text, citation, intro
 from datagen.croissant import CROISSANT, croissant_doc
 from datagen.errors import UserError
 from datagen.extend import copy_earlier, copy_shard, merge_manifests, read_earlier
@@ -182,15 +182,15 @@ def make_release(
                 f"{bank_digest(bank)}, the manifest has {manifest['prompt_bank']['digest']})"
             )
     cal = _calibration(calibration, build, manifest)
-    rel = release_manifest(manifest, features)
-    renames = {s["path"]: s["path"] for s in rel["shards"]}
+    own = release_manifest(manifest, features)  # the build's shards this release ships
+    rel, renames = own, {s["path"]: s["path"] for s in own["shards"]}
     if earlier is not None:
-        rel, renames = merge_manifests(earlier, rel, build, version)
+        rel, renames = merge_manifests(earlier, own, build, version)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _write(tmp, build, manifest, rel, renames, earlier, name, version, license_id,
+        _write(tmp, build, manifest, own, rel, renames, earlier, name, version, license_id,
                features, prompts, cal)  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
@@ -200,14 +200,14 @@ def make_release(
             "name": name, "version": version}  # fmt: skip
 
 
-def _write(tmp, build, manifest, rel, renames, earlier, name, version, license_id, features,
-           prompts, cal) -> None:  # fmt: skip
+def _write(tmp, build, manifest, own, rel, renames, earlier, name, version, license_id,
+           features, prompts, cal) -> None:  # fmt: skip
     data = tmp / "data"
     prompts_file = None
     if earlier is not None:
         copy_earlier(earlier, tmp)
     data.mkdir(parents=True, exist_ok=True)
-    for s in release_manifest(manifest, features)["shards"]:
+    for s in own["shards"]:
         copy_shard(build, data, s, renames[s["path"]])
     atomic_write(data / MANIFEST, json_bytes(rel))
     atomic_write(tmp / "config.json", json_bytes(manifest["config"]))
@@ -240,8 +240,8 @@ def _write(tmp, build, manifest, rel, renames, earlier, name, version, license_i
     (tmp / CARD).write_text(card)
     doc = croissant_doc(
         name, version, license_id, rel,
-        description=card.split("\n# ", 1)[1].split("\n\n", 2)[1].replace("\n", " "),
-        cite=card.split("```bibtex\n", 1)[1].split("\n```", 1)[0],
+        description=intro(rel).replace("\n", " "),
+        cite=citation(name, version, rel),
         published=today,
     )  # fmt: skip
     (tmp / CROISSANT).write_text(json.dumps(doc, indent=1) + "\n")

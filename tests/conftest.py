@@ -44,3 +44,14 @@ def digests(out: Path) -> dict[str, str]:
         for p in sorted(out.iterdir())
         if p.name != "build.log"
     }
+
+
+def analyse_report(build: Path) -> tuple[Path, dict]:
+    """``datagen analyse BUILD --report BUILD/../R --rank-by token``: the folder and report.json."""
+    import json
+
+    from datagen.cli import main
+
+    out = build.parent / "R"
+    assert main(["analyse", str(build), "--report", str(out), "--rank-by", "token"]) == 0
+    return out, json.loads((out / "report.json").read_text())

@@ -30,6 +30,14 @@ def _gen(num_frames=9):
     return cfg.generation
 
 
+def _setup(variant, num_frames=9):
+    """A tiny pipeline of the variant, its generation settings and layout (progress bar off)."""
+    pipe = build_tiny_pipeline(num_frames=num_frames, **VARIANTS[variant])
+    pipe.set_progress_bar_config(disable=True)
+    gen = _gen(num_frames)
+    return pipe, gen, CogVideoXFamily().layout(pipe, gen)
+
+
 def _run(pipe, gen, recorder=None, guidance=True):
     fam = CogVideoXFamily()
     remove = fam.install_capture(pipe, recorder, guidance) if recorder else None
@@ -96,10 +104,7 @@ def test_recomputed_attention_matches_layer_output(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_capture_leaves_the_video_bit_identical(variant):
     num_frames = 9
-    pipe = build_tiny_pipeline(num_frames=num_frames, **VARIANTS[variant])
-    pipe.set_progress_bar_config(disable=True)
-    gen = _gen(num_frames)
-    layout = CogVideoXFamily().layout(pipe, gen)
+    pipe, gen, layout = _setup(variant, num_frames)
     plain = _run(pipe, gen)
     spec = CaptureSpec((0, 1), (0, 3), (0, 1), (1, 2, 3))
     rec = Recorder(
@@ -194,10 +199,7 @@ def test_hidden_states_are_the_blocks_output_video_tokens(variant):
     conditional CFG half (CogVideoX batches [negative, positive]), at the feature steps, as
     fp16 (token frames, h*w, width); the video stays bit-identical and the hooks go away."""
     num_frames = 9
-    pipe = build_tiny_pipeline(num_frames=num_frames, **VARIANTS[variant])
-    pipe.set_progress_bar_config(disable=True)
-    gen = _gen(num_frames)
-    layout = CogVideoXFamily().layout(pipe, gen)
+    pipe, gen, layout = _setup(variant, num_frames)
     plain = _run(pipe, gen)
     # Independent of the recorder: count the transformer's forwards (one per step) ourselves.
     seen: dict[tuple[int, int], torch.Tensor] = {}

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from datagen.cli import main
 from datagen.data import FeatureSpec, open_dataset
 from datagen.sampleformat import FEATURE_MEMBER
+from tests.conftest import analyse_report
 
 HIDDEN = [2, 5]
 
@@ -32,9 +32,7 @@ def build(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(build: Path) -> tuple[Path, dict]:
-    out = build.parent / "R"
-    assert main(["analyse", str(build), "--report", str(out), "--rank-by", "token"]) == 0
-    return out, json.loads((out / "report.json").read_text())
+    return analyse_report(build)
 
 
 def _naive(build: Path, thr: float) -> tuple[dict, dict]:

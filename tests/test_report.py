@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import functools
 import http.server
-import json
 import math
 import shutil
 import threading
@@ -16,9 +15,9 @@ import numpy as np
 import pytest
 
 from datagen.build import prepare_build, run_build
-from datagen.cli import main
 from datagen.data import open_dataset
 from datagen.presets import resolve_config
+from tests.conftest import analyse_report
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
 
@@ -35,9 +34,7 @@ def build(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(build: Path) -> tuple[Path, dict]:
-    out = build.parent / "R"
-    assert main(["analyse", str(build), "--report", str(out), "--rank-by", "token"]) == 0
-    return out, json.loads((out / "report.json").read_text())
+    return analyse_report(build)
 
 
 def _naive(build: Path, thr: float) -> dict:
