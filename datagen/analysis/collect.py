@@ -158,6 +158,9 @@ def select_points(
 class _Collector:
     def __init__(self, opts: StudyOptions):
         self.study = Study(options=opts)
+        self._tracker: Any = None
+        """The build's tracker for pseudo labels, made on the first exact-labelled video."""
+        self._tracker_tried = False
 
     def exclude(self, key: str, reason: str) -> None:
         self.study.excluded.append({"key": key, "reason": reason})
@@ -190,12 +193,12 @@ class _Collector:
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """The build's configured tracker run on the video from the same frame-0 queries, for
         a video whose labels are exact; None when not asked for, not applicable, or the
-        tracker cannot run here (the first reason is kept in ``excluded``-style notes)."""
+        tracker cannot be made here (why: ``Study.pseudo_note``)."""
         meta, frames = s["meta"], s.get("frames")
         if not self.study.options.pseudo or frames is None or ground_truth_kind(meta) != "exact":
             return None
-        if not hasattr(self, "_tracker"):
-            self._tracker = None
+        if not self._tracker_tried:
+            self._tracker_tried = True
             cfg = ((meta.get("config") or {}).get("tracker")) or {}
             try:
                 from datagen.track.registry import make_tracker
