@@ -4,6 +4,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,18 @@ def test_release_verifies_fully_and_quickly(run_cli, release):
         code, text, err = run_cli("verify", release, *extra)
         assert code == 0, text + err
         assert "verified release" in text
+
+
+def test_quick_verify_reads_each_file_of_a_release_once(release, monkeypatch):
+    import datagen.verify as verify_mod
+
+    read = []
+    real = verify_mod.sha256_file
+    monkeypatch.setattr(verify_mod, "sha256_file", lambda p: read.append(Path(p)) or real(p))
+    problems, kind = verify_mod.verify(release, quick=True)
+    assert problems == [] and kind == "release"
+    files = sorted(p for p in release.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    assert sorted(read) == files  # shards included, none twice
 
 
 # datasets 5.2 caches a local folder by its name and config, not its content (two releases in
