@@ -77,6 +77,22 @@ def parse_args(argv=None):
     )
     p.add_argument("--cfg-drop", type=float, default=0.1)
     p.add_argument(
+        "--junk-share",
+        type=float,
+        default=0.0,
+        help="share of captions replaced by words the model is not taught (random tokenizer "
+        "words outside its captions and spelled-out letter strings), trained like the empty "
+        "prompt: natural prompts then condition it like no caption rather than like nothing "
+        "it has seen",
+    )
+    p.add_argument(
+        "--junk-insert",
+        type=float,
+        default=0.0,
+        help="share of captions with such words inserted around their clauses (the caption's "
+        "words still hold: a natural prompt's colours and pan still count)",
+    )
+    p.add_argument(
         "--schedule-share",
         type=float,
         default=0.5,
@@ -135,6 +151,46 @@ def load_pool(out: Path, n: int, video) -> tuple[np.ndarray, list[str]]:
     np.savez(tmp, frames=frames, captions=np.array(captions))
     os.replace(tmp, cache)
     return frames, captions
+
+
+def junk_words(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` words the captions never use: tokenizer words outside them, or random letter
+    strings (which the tokenizer spells out, as it does most words of natural prompts)."""
+    from datagen.models.tiny_cogvideox import _WORDS
+
+    known = [w for w in dict.fromkeys(_WORDS) if w not in tiny_dit.CAPTION_WORDS]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append(known[rng.integers(len(known))])
+        else:
+            word = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9)))
+            # A random string that happens to be a caption word ('red', 'box') is not junk.
+            out.append(word + "q" if word in tiny_dit.CAPTION_WORDS else word)
+    return out
+
+
+def junk_captions(captions: list[str], seed: int, tokenizer) -> tuple[list[str], list[str]]:
+    """(captions with junk words inserted around their clauses, pure junk texts), seeded.
+
+    An inserted caption keeps all its own words within the text encoder's
+    ``MAX_TEXT_LEN`` tokens (junk is drawn again, fewer words each time, until it fits), so the
+    pan clause is never cut off; pure junk is any length (truncated like natural prompts)."""
+    rng = np.random.default_rng(seed)
+    inserted = []
+    for c in captions:
+        for most in (2, 2, 1, 1, 0):
+            words = []
+            for clause in c.split(", "):
+                words.append(" ".join(junk_words(rng, int(rng.integers(0, most + 1))) + [clause]))
+            text = (
+                ", ".join(words) + " " + " ".join(junk_words(rng, int(rng.integers(0, most + 1))))
+            ).strip()
+            if len(tokenizer(text).input_ids) <= tiny_dit.MAX_TEXT_LEN:
+                break
+        inserted.append(text)
+    pure = [" ".join(junk_words(rng, int(rng.integers(4, 20)))) for _ in range(1024)]
+    return inserted, pure
 
 
 def lr_at(step: int, args) -> float:
@@ -260,6 +316,16 @@ def main(argv=None) -> int:
         ]
     )
     empty_emb = tiny_dit.encode_captions(pipe, [""])[0]
+    if args.junk_share > 0 or args.junk_insert > 0:
+        inserted, pure = junk_captions(captions, args.seed + 7, pipe.tokenizer)
+        inserted_emb = torch.cat(
+            [
+                tiny_dit.encode_captions(pipe, inserted[i : i + 512])
+                for i in range(0, len(inserted), 512)
+            ]
+        )
+        junk_emb = tiny_dit.encode_captions(pipe, pure)
+        print(f"junk examples: {inserted[0]!r} / {pure[0]!r}", flush=True)
     print(f"captions encoded in {time.time() - t0:.1f}s", flush=True)
 
     eval_seeds = [tiny_dit.EVAL_SEED_BASE + i for i in range(args.eval_videos)]
@@ -300,8 +366,15 @@ def main(argv=None) -> int:
         idx = torch.randint(0, len(frames), (args.batch,), generator=gen)
         x0 = tiny_dit.frames_to_latents(frames[idx.numpy()])
         emb = caption_emb[idx].clone()
+        if args.junk_insert > 0:
+            ins = torch.rand(args.batch, generator=gen) < args.junk_insert
+            emb[ins] = inserted_emb[idx[ins]]
         drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
         emb[drop] = empty_emb
+        if args.junk_share > 0:
+            junk = (torch.rand(args.batch, generator=gen) < args.junk_share) & ~drop
+            pick = torch.randint(0, len(junk_emb), (args.batch,), generator=gen)
+            emb[junk] = junk_emb[pick[junk]]
         t = sample_timesteps(
             args.batch, args.focus_t, gen, schedule, args.schedule_share, args.schedule_jitter
         )
