@@ -98,9 +98,29 @@ def test_report_numbers_equal_a_naive_pass_over_the_build(build, report):
     # q/k recomputed in fp16 find the same matches as the online correspondence (fp32).
     for cell, r in _rows(data, source="q/k").items():
         assert r["accuracy_token"] == pytest.approx(rows[cell]["accuracy_token"], abs=1.0)
-    # The layer that matches best (one-token accuracy) tops the ranking here.
-    best = max(rows.values(), key=lambda r: r["accuracy_token"])["layer"]
-    assert data["summary"]["best_layer"] == best == data["ranking"]["all"]["layers"][0]["layer"]
+    # The ranking, recomputed naively from the rows above (--rank-by token): each term min-max
+    # normalised over the layer x step table, a cell's score their harmonic mean (0 if any
+    # term is 0), a layer's the mean of its cells; the summary's best layer tops it.
+    terms = {
+        cell: (r["accuracy_token"], r["confidence"], r["mass_other_frames"])
+        for cell, r in rows.items()
+    }
+    lows = [min(t[i] for t in terms.values()) for i in range(3)]
+    highs = [max(t[i] for t in terms.values()) for i in range(3)]
+    score = {}
+    for cell, t in terms.items():
+        norm = [(t[i] - lows[i]) / (highs[i] - lows[i]) for i in range(3)]
+        score[cell] = 0.0 if min(norm) <= 0 else 3.0 / sum(1.0 / v for v in norm)
+    layer_means = {
+        layer: sum(v for (ly, _), v in score.items() if ly == layer) / 2 for layer in (4, 5)
+    }
+    ranked = data["ranking"]["all"]["layers"]
+    assert [r["layer"] for r in ranked] == sorted(layer_means, key=lambda ly: -layer_means[ly])
+    for r in ranked:
+        assert r["score"] == pytest.approx(layer_means[r["layer"]])
+    for c in data["ranking"]["all"]["cells"]:
+        assert c["score"] == pytest.approx(score[(c["layer"], c["step"])])
+    assert data["summary"]["best_layer"] == ranked[0]["layer"]
 
 
 def test_tracking_scores_the_no_motion_baseline_as_a_naive_reference(build, report):

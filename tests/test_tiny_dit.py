@@ -3,6 +3,7 @@ training script."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_trained_preset_generates_its_size_through_the_family():
     assert (geo.temporal, geo.spatial, geo.patch, geo.heads_dim) == (1, 1, 4, 128)
 
 
-def test_caption_names_colour_shape_and_directions():
+def test_caption_names_colour_shape_and_pan():
     scene = SyntheticConfig(
         num_frames=8,
         height=32,
@@ -86,8 +87,13 @@ def test_caption_names_colour_shape_and_directions():
         camera_velocity=(1.0, 0.0),
     )
     words = tiny_dit.caption(scene, 0).split(", ")
-    assert words[0].endswith("box moves left") and words[1].endswith("ball moves down")
+    # Sprites by colour and shape only: the only direction words are the camera's.
+    assert words[0].split()[1] == "box" and words[1].split()[1] == "ball"
+    assert len(words[0].split()) == len(words[1].split()) == 2
     assert words[2] == "camera pans right"
+    assert tiny_dit.caption(dataclasses.replace(scene, camera_velocity=(-1.0, -1.0)), 0).endswith(
+        "camera pans up left"
+    )
     assert tiny_dit.colour_word(np.array([220, 30, 30])) == "red"
     assert tiny_dit.colour_word(np.array([30, 60, 220])) == "blue"
     assert tiny_dit.colour_word(np.array([40, 200, 50])) == "green"
@@ -276,3 +282,27 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
     second = torch.load(again / "checkpoint.pt", weights_only=True)
     for name, value in first["ema"].items():
         assert torch.equal(value, second["ema"][name]), name
+
+
+def test_junk_captions_keep_every_clause_within_the_text_length():
+    train_tiny_dit = load_script("train_tiny_dit")
+    pipe = tiny_dit.build_pipeline()
+    caps = [tiny_dit.caption(tiny_dit.TRAIN_VIDEO, tiny_dit.TRAIN_SEED_BASE + i) for i in range(60)]
+    inserted, pure = train_tiny_dit.junk_captions(caps, 3, pipe.tokenizer)
+    changed = 0
+    for cap, text in zip(caps, inserted, strict=True):
+        # The encoder sees the whole caption: nothing of it is cut off at MAX_TEXT_LEN.
+        assert len(pipe.tokenizer(text).input_ids) <= tiny_dit.MAX_TEXT_LEN, text
+        # Its clauses in order, and every other word is one the captions never use.
+        rest = text
+        for clause in cap.split(", "):
+            before, sep, rest = rest.partition(clause)
+            assert sep, (cap, text)
+            assert not set(before.replace(",", " ").split()) & tiny_dit.CAPTION_WORDS
+        assert not set(rest.split()) & tiny_dit.CAPTION_WORDS
+        changed += text != cap
+    assert changed > len(caps) // 2
+    assert len(pure) == 1024
+    assert all(not set(p.split()) & tiny_dit.CAPTION_WORDS for p in pure)
+    # Seeded: the same seed gives the same texts.
+    assert train_tiny_dit.junk_captions(caps, 3, pipe.tokenizer) == (inserted, pure)

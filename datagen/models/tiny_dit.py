@@ -12,9 +12,9 @@ channels (zeros for the later frames), so the DiT generates the motion of a give
 Where the first frame comes from: for the ``tiny`` preset, :func:`first_frame_for_prompt`
 renders it with the procedural source (the training distribution), choosing among seeded scenes
 the one whose sprites best match the colours and shapes the prompt names. The text (frozen tiny
-random-weight T5 embeddings of captions naming each sprite's colour, shape and direction and the
-camera pan) was meant to steer the motion; measured, it barely does (README, "The embedded
-model").
+random-weight T5 embeddings of captions naming each sprite's colour and shape and the camera
+pan) steers the pan; words outside the captions were trained to mean nothing, like the empty
+prompt (README, "The embedded model", has the measurements).
 
 The shipped weights live in ``datagen/models/weights/tiny-cogvideox`` as a diffusers pipeline
 folder (fp16 safetensors) and load with ``DiffusionPipeline.from_pretrained`` like any checkpoint.
@@ -92,15 +92,19 @@ def sprite_words(scene: Any) -> list[tuple[str, str]]:
 
 
 def caption(config: SyntheticConfig, seed: int) -> str:
-    """A prompt describing a procedural video: each sprite's colour, shape and direction,
-    then the camera pan, in the tiny tokenizer's whole-word vocabulary."""
+    """A prompt describing a procedural video in the tiny tokenizer's whole-word vocabulary:
+    each sprite's colour and shape, then the camera pan ("red box, blue ball, green box,
+    camera pans up left").
+
+    The sprites' own directions are not named: the frozen random T5 gives a direction word
+    nearly the same embedding whatever precedes it ("moves left" and "pans left" differ by an
+    L2 norm of 0.66 where "left" and "right" differ by 6.6), so with sprite directions in the
+    caption the DiT cannot tell which direction word is the camera's, and it learnt none.
+    """
     scene = build_scene(config, seed)
-    parts = []
-    last = scene.num_frames - 1
-    for k, (colour, noun) in enumerate(sprite_words(scene)):
-        d = scene.centers[k, last] - scene.centers[k, 0]
-        parts.append(f"{colour} {noun} moves {direction_words(d[0], d[1])}")
+    parts = [f"{colour} {noun}" for colour, noun in sprite_words(scene)]
     # world = image + offset: the offset growing in x means the camera moves right.
+    last = scene.num_frames - 1
     o = scene.camera_offsets[last] - scene.camera_offsets[0]
     parts.append(f"camera pans {direction_words(o[0], o[1])}")
     return ", ".join(parts)
@@ -246,7 +250,8 @@ CAPTION_WORDS = frozenset(
     COLOUR_WORDS
     + ("ball", "box", "moves", "camera", "pans", "slowly", "up", "down", "left", "right")
 )
-"""Every word of the training captions (:func:`caption`): all the text the model learnt."""
+"""Every word of the training captions (:func:`caption`, and 'moves' of the earlier legs'
+captions, which named each sprite's direction): all the text the model learnt."""
 _NOUNS = {"ball": "ball", "balls": "ball", "box": "box", "boxes": "box"}
 
 
