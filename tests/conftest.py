@@ -55,3 +55,20 @@ def analyse_report(build: Path) -> tuple[Path, dict]:
     out = build.parent / "R"
     assert main(["analyse", str(build), "--report", str(out), "--rank-by", "token"]) == 0
     return out, json.loads((out / "report.json").read_text())
+
+
+SMALL_BANK = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
+# 5 samples in 3 shards (2, 2, 1).
+SMALL_SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
+                  "--set", "generation.batch_size=2"]  # fmt: skip
+
+
+def small_reference_build(root: Path) -> tuple[Path, dict[str, str]]:
+    """The small bank (``root/bank.txt``) built uninterrupted with ``SMALL_SETTINGS`` into
+    ``root/ref``: (the bank, the build's digests), what interrupted builds must equal."""
+    from datagen.cli import main
+
+    bank = root / "bank.txt"
+    bank.write_text(SMALL_BANK)
+    assert main(["build", "--prompts", str(bank), "--out", str(root / "ref"), *SMALL_SETTINGS]) == 0
+    return bank, digests(root / "ref")

@@ -15,24 +15,15 @@ import sys
 import pytest
 
 from datagen.faults import ENV
-from tests.conftest import ROOT, digests
+from tests.conftest import ROOT, SMALL_SETTINGS, digests, small_reference_build
 
-PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
-# 5 samples in 3 shards (2, 2, 1).
-SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
-            "--set", "generation.batch_size=2"]  # fmt: skip
+SETTINGS = SMALL_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted build, and the prompt bank."""
-    root = tmp_path_factory.mktemp("ref")
-    bank = root / "bank.txt"
-    bank.write_text(PROMPTS)
-    out = root / "ref"
-    cli = [sys.executable, "-m", "datagen.cli", "build", "--prompts", str(bank)]
-    subprocess.run([*cli, "--out", str(out), *SETTINGS], check=True, cwd=ROOT)
-    return bank, digests(out)
+    return small_reference_build(tmp_path_factory.mktemp("ref"))
 
 
 def _build(bank, out, *extra, failpoints=None):

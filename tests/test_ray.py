@@ -10,22 +10,14 @@ ray = pytest.importorskip(
 )
 
 from datagen.faults import ENV  # noqa: E402
-from tests.conftest import digests  # noqa: E402
+from tests.conftest import SMALL_SETTINGS, digests, small_reference_build  # noqa: E402
 
-PROMPTS = "".join(f"a red ball rolls left number {i}\n" for i in range(5))
-SETTINGS = ["--preset", "tiny-random", "--quiet", "--set", "shards.max_samples=2",
-            "--set", "generation.batch_size=2"]  # fmt: skip
+SETTINGS = SMALL_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from datagen.cli import main
-
-    root = tmp_path_factory.mktemp("ref")
-    bank = root / "bank.txt"
-    bank.write_text(PROMPTS)
-    assert main(["build", "--prompts", str(bank), "--out", str(root / "ref"), *SETTINGS]) == 0
-    return bank, digests(root / "ref")
+    return small_reference_build(tmp_path_factory.mktemp("ref"))
 
 
 def test_ray_build_is_byte_identical_and_survives_an_actor_killed_mid_shard(
