@@ -153,12 +153,18 @@ def load_pool(out: Path, n: int, video) -> tuple[np.ndarray, list[str]]:
     return frames, captions
 
 
-def junk_words(rng: np.random.Generator, n: int) -> list[str]:
-    """``n`` words the captions never use: tokenizer words outside them, or random letter
-    strings (which the tokenizer spells out, as it does most words of natural prompts)."""
+def _uncaptioned_words() -> list[str]:
+    """The tokenizer's whole words that no caption uses, in vocabulary order."""
     from datagen.models.tiny_cogvideox import _WORDS
 
-    known = [w for w in dict.fromkeys(_WORDS) if w not in tiny_dit.CAPTION_WORDS]
+    return [w for w in dict.fromkeys(_WORDS) if w not in tiny_dit.CAPTION_WORDS]
+
+
+def junk_words(rng: np.random.Generator, n: int, known: list[str] | None = None) -> list[str]:
+    """``n`` words the captions never use: tokenizer words outside them (``known``, default
+    :func:`_uncaptioned_words`), or random letter strings (which the tokenizer spells out, as it
+    does most words of natural prompts)."""
+    known = _uncaptioned_words() if known is None else known
     out = []
     for _ in range(n):
         if rng.random() < 0.5:
@@ -177,19 +183,20 @@ def junk_captions(captions: list[str], seed: int, tokenizer) -> tuple[list[str],
     ``MAX_TEXT_LEN`` tokens (junk is drawn again, fewer words each time, until it fits), so the
     pan clause is never cut off; pure junk is any length (truncated like natural prompts)."""
     rng = np.random.default_rng(seed)
+    known = _uncaptioned_words()
+
+    def junk(most: int) -> list[str]:
+        return junk_words(rng, int(rng.integers(0, most + 1)), known)
+
     inserted = []
     for c in captions:
         for most in (2, 2, 1, 1, 0):
-            words = []
-            for clause in c.split(", "):
-                words.append(" ".join(junk_words(rng, int(rng.integers(0, most + 1))) + [clause]))
-            text = (
-                ", ".join(words) + " " + " ".join(junk_words(rng, int(rng.integers(0, most + 1))))
-            ).strip()
+            clauses = [" ".join(junk(most) + [clause]) for clause in c.split(", ")]
+            text = (", ".join(clauses) + " " + " ".join(junk(most))).strip()
             if len(tokenizer(text).input_ids) <= tiny_dit.MAX_TEXT_LEN:
                 break
         inserted.append(text)
-    pure = [" ".join(junk_words(rng, int(rng.integers(4, 20)))) for _ in range(1024)]
+    pure = [" ".join(junk_words(rng, int(rng.integers(4, 20)), known)) for _ in range(1024)]
     return inserted, pure
 
 
@@ -309,22 +316,18 @@ def main(argv=None) -> int:
     frames, captions = load_pool(out, args.pool, video)
     print(f"pool: {len(frames)} videos ready in {time.time() - t0:.1f}s", flush=True)
     t0 = time.time()
-    caption_emb = torch.cat(
-        [
-            tiny_dit.encode_captions(pipe, captions[i : i + 512])
-            for i in range(0, len(captions), 512)
-        ]
-    )
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return torch.cat(
+            [tiny_dit.encode_captions(pipe, texts[i : i + 512]) for i in range(0, len(texts), 512)]
+        )
+
+    caption_emb = encode(captions)
     empty_emb = tiny_dit.encode_captions(pipe, [""])[0]
     if args.junk_share > 0 or args.junk_insert > 0:
         inserted, pure = junk_captions(captions, args.seed + 7, pipe.tokenizer)
-        inserted_emb = torch.cat(
-            [
-                tiny_dit.encode_captions(pipe, inserted[i : i + 512])
-                for i in range(0, len(inserted), 512)
-            ]
-        )
-        junk_emb = tiny_dit.encode_captions(pipe, pure)
+        inserted_emb = encode(inserted)
+        junk_emb = encode(pure)
         print(f"junk examples: {inserted[0]!r} / {pure[0]!r}", flush=True)
     print(f"captions encoded in {time.time() - t0:.1f}s", flush=True)
 
