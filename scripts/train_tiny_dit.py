@@ -113,7 +113,12 @@ def parse_args(argv=None):
         "streams and evaluation stay on the CPU, so a run's batches are the same on any device",
     )
     p.add_argument("--export", type=Path, help="write the EMA weights as a pipeline folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("cfg_drop", "junk_share", "junk_insert", "high_t_share", "schedule_share"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            p.error(f"--{name.replace('_', '-')} {value}: a share of each batch, from 0 to 1")
+    return args
 
 
 def training_video(overrides: list[str]):

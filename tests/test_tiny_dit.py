@@ -272,6 +272,8 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
     assert json.loads((short / "config.json").read_text())["steps"] == 4
     with pytest.raises(SystemExit, match="--video 'nope=1'"):
         train_tiny_dit.main(["--out", str(other), "--video", "nope=1"])
+    with pytest.raises(SystemExit):  # argparse's error: exit status 2, one line on stderr
+        train_tiny_dit.main(["--out", str(other), "--junk-share", "1.5"])
     from diffusers import CogVideoXImageToVideoPipeline
 
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(export), dtype=torch.float32)
